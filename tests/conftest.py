@@ -1,0 +1,21 @@
+"""Shared fixtures and the Hypothesis profile."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=200),
+)
+settings.register_profile("dev", settings(deadline=None, max_examples=100))
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data"
+
+FLUENT_BIT = DATA / "fluent-bit-5.1.1"
+TRACE_VECTORS = DATA / "trace-ids" / "vectors.json"
