@@ -1,4 +1,4 @@
-"""fluentforward: a Fluent Forward receiver with a durable spool, W3C trace-id normalization and Loki shipping."""
+"""fluentforward: Fluent Forward receiver with a durable spool, W3C trace ids and Loki shipping."""
 
 from __future__ import annotations
 

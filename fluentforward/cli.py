@@ -1,7 +1,496 @@
-"""Command-line interface (placeholder until the serve command lands)."""
+"""The ``fluentforward`` command line (typer).
+
+Every option can also be set with an environment variable ``FLUENTFORWARD_<OPTION>`` (dashes become
+underscores), which is how the Helm chart configures the server. Bad input of any kind (an unknown
+option, an unreadable directory, a port in use, a malformed size) prints one line and exits with code 2.
+"""
 
 from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import orjson
+import structlog
+import trio
+import typer
+
+from fluentforward import __version__
+from fluentforward._logging import LOG_LEVELS, configure_logging
+from fluentforward._units import parse_duration, parse_size, parse_time_ns
+from fluentforward.config import (
+    DEFAULT_HTTP_LISTEN,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_SHUTDOWN_GRACE,
+    ServerConfig,
+    parse_listen,
+)
+from fluentforward.errors import ConfigError, FluentForwardError, SpoolError
+from fluentforward.protocol import Limits
+from fluentforward.protocol._limits import (
+    DEFAULT_MAX_DECOMPRESSED_BYTES,
+    DEFAULT_MAX_ENTRIES_PER_FRAME,
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_TAG_BYTES,
+)
+from fluentforward.spool import (
+    DEFAULT_DEDUP_CAPACITY,
+    DEFAULT_SEGMENT_BYTES,
+    DEFAULT_SPOOL_MAX_BYTES,
+    ScanEnd,
+    Spool,
+    SpoolSettings,
+    list_segments,
+    read_frames,
+    segment_path,
+)
+
+__all__ = ["app", "main"]
+
+log = structlog.get_logger("fluentforward.cli")
+
+EXIT_USAGE = 2
+DEFAULT_SPOOL_DIR = "fluentforward-spool"
+
+app = typer.Typer(
+    name="fluentforward",
+    help="Fluent Forward receiver: durable spool, W3C trace ids, Grafana Loki.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+spool_app = typer.Typer(help="Inspect a spool directory.", no_args_is_help=True)
+app.add_typer(spool_app, name="spool")
+
+
+def _env(name: str) -> str:
+    return "FLUENTFORWARD_" + name.upper().replace("-", "_")
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print one line to stderr and exit (2 for bad input)."""
+    typer.echo(f"fluentforward: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fluentforward {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Fluent Forward receiver: durable spool, W3C trace ids, Grafana Loki."""
+
+
+# -- serve ------------------------------------------------------------------------------------------
+
+
+def _check_spool_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--spool-dir {path}: not a directory")
+
+
+@app.command()
+def serve(
+    listen: Annotated[
+        str, typer.Option(envvar=_env("listen"), help="Forward protocol address HOST:PORT (TCP and UDP).")
+    ] = DEFAULT_LISTEN,
+    spool_dir: Annotated[
+        Path, typer.Option(envvar=_env("spool-dir"), help="Spool directory (created if missing).")
+    ] = Path(DEFAULT_SPOOL_DIR),
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("http-listen"), help="HTTP address for /healthz and /readyz; 'off' disables."
+        ),
+    ] = DEFAULT_HTTP_LISTEN,
+    spool_max_bytes: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("spool-max-bytes"), help="Most undelivered bytes kept before clients are slowed."
+        ),
+    ] = str(DEFAULT_SPOOL_MAX_BYTES),
+    spool_segment_bytes: Annotated[
+        str, typer.Option(envvar=_env("spool-segment-bytes"), help="Segment file size before rotation.")
+    ] = str(DEFAULT_SEGMENT_BYTES),
+    spool_fsync_interval: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("spool-fsync-interval"),
+            help="0 = fsync before every ack (durable). A duration acks after write and fsyncs that often.",
+        ),
+    ] = "0",
+    dedup_capacity: Annotated[
+        int, typer.Option(envvar=_env("dedup-capacity"), help="Recent chunk ids remembered for retries.")
+    ] = DEFAULT_DEDUP_CAPACITY,
+    max_frame_bytes: Annotated[
+        str, typer.Option(envvar=_env("max-frame-bytes"), help="Largest request accepted.")
+    ] = str(DEFAULT_MAX_FRAME_BYTES),
+    max_decompressed_bytes: Annotated[
+        str,
+        typer.Option(envvar=_env("max-decompressed-bytes"), help="Largest inflated gzip/zstd payload."),
+    ] = str(DEFAULT_MAX_DECOMPRESSED_BYTES),
+    max_entries_per_frame: Annotated[
+        int, typer.Option(envvar=_env("max-entries-per-frame"), help="Most events in one request.")
+    ] = DEFAULT_MAX_ENTRIES_PER_FRAME,
+    max_tag_bytes: Annotated[
+        int, typer.Option(envvar=_env("max-tag-bytes"), help="Longest tag accepted.")
+    ] = DEFAULT_MAX_TAG_BYTES,
+    idle_timeout: Annotated[
+        str, typer.Option(envvar=_env("idle-timeout"), help="Close a connection silent this long.")
+    ] = f"{DEFAULT_IDLE_TIMEOUT:g}s",
+    max_connections: Annotated[
+        int, typer.Option(envvar=_env("max-connections"), help="Concurrent connections; more are refused.")
+    ] = DEFAULT_MAX_CONNECTIONS,
+    tag_prefix: Annotated[
+        str, typer.Option(envvar=_env("tag-prefix"), help="Prepended to every received tag.")
+    ] = "",
+    source_address_key: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("source-address-key"), help="Add the peer address to records under this key."
+        ),
+    ] = "",
+    udp_heartbeat: Annotated[
+        bool, typer.Option(envvar=_env("udp-heartbeat"), help="Answer UDP heartbeats on the listen port.")
+    ] = True,
+    shutdown_grace: Annotated[
+        str, typer.Option(envvar=_env("shutdown-grace"), help="Time in-flight frames get after SIGTERM.")
+    ] = f"{DEFAULT_SHUTDOWN_GRACE:g}s",
+    log_level: Annotated[
+        str, typer.Option(envvar=_env("log-level"), help="debug, info, warning or error.")
+    ] = "info",
+    log_format: Annotated[
+        str, typer.Option(envvar=_env("log-format"), help="auto (JSON unless a terminal), json or console.")
+    ] = "auto",
+) -> None:
+    """Receive Forward traffic, spool it durably and ack it."""
+    try:
+        _configure_logs(log_level, log_format)
+        _check_spool_dir(spool_dir)
+        config = ServerConfig(
+            listen=parse_listen(listen),
+            spool=SpoolSettings(
+                directory=spool_dir,
+                max_bytes=_positive(
+                    parse_size(spool_max_bytes, option="--spool-max-bytes"), "--spool-max-bytes"
+                ),
+                segment_bytes=_positive(
+                    parse_size(spool_segment_bytes, option="--spool-segment-bytes"), "--spool-segment-bytes"
+                ),
+                fsync_interval=parse_duration(spool_fsync_interval, option="--spool-fsync-interval"),
+                dedup_capacity=_positive(dedup_capacity, "--dedup-capacity"),
+            ),
+            limits=Limits(
+                max_frame_bytes=_positive(
+                    parse_size(max_frame_bytes, option="--max-frame-bytes"), "--max-frame-bytes"
+                ),
+                max_decompressed_bytes=_positive(
+                    parse_size(max_decompressed_bytes, option="--max-decompressed-bytes"),
+                    "--max-decompressed-bytes",
+                ),
+                max_entries_per_frame=_positive(max_entries_per_frame, "--max-entries-per-frame"),
+                max_tag_bytes=_positive(max_tag_bytes, "--max-tag-bytes"),
+            ),
+            http_listen=None
+            if http_listen.strip().lower() in ("", "off", "none")
+            else parse_listen(http_listen, option="--http-listen"),
+            idle_timeout=_positive_f(parse_duration(idle_timeout, option="--idle-timeout"), "--idle-timeout"),
+            max_connections=_positive(max_connections, "--max-connections"),
+            tag_prefix=tag_prefix,
+            source_address_key=source_address_key or None,
+            udp_heartbeat=udp_heartbeat,
+            shutdown_grace=parse_duration(shutdown_grace, option="--shutdown-grace"),
+        )
+        spool = Spool.open(config.spool)
+    except FluentForwardError as exc:
+        fail(str(exc))
+    typer.echo(f"fluentforward {__version__}: spool at {spool_dir.resolve()}", err=True)
+    from fluentforward.app import run_server  # noqa: PLC0415 - keeps `spool ls` startup light
+
+    try:
+        trio.run(run_server, config, spool)
+    except* ConfigError as group:
+        fail(str(group.exceptions[0]))
+    finally:
+        spool.close()
+
+
+def _positive(value: int, option: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{option}: must be at least 1, got {value}")
+    return value
+
+
+def _positive_f(value: float, option: str) -> float:
+    if value <= 0:
+        raise ConfigError(f"{option}: must be positive, got {value:g}")
+    return value
+
+
+def _configure_logs(level: str, fmt: str) -> None:
+    if level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    formats = {"auto": None, "json": True, "console": False}
+    if fmt.lower() not in formats:
+        raise ConfigError(f"--log-format: expected auto, json or console, got {fmt!r}")
+    configure_logging(json=formats[fmt.lower()], level=level.lower())
+
+
+# -- send --------------------------------------------------------------------------------------------
+
+SEND_MODES = ("message", "forward", "packed", "compressed")
+
+
+@app.command()
+def send(
+    address: Annotated[str, typer.Argument(envvar=_env("send-address"), help="Server HOST:PORT.")],
+    source: Annotated[
+        str, typer.Argument(envvar=_env("send-file"), help="JSON lines file, or - for standard input.")
+    ] = "-",
+    tag: Annotated[
+        str, typer.Option(envvar=_env("send-tag"), help="Tag of the records.")
+    ] = "fluentforward.send",
+    ack: Annotated[
+        bool, typer.Option(envvar=_env("send-ack"), help="Ask for acks and wait for each one.")
+    ] = False,
+    mode: Annotated[
+        str, typer.Option(envvar=_env("send-mode"), help="message, forward, packed or compressed.")
+    ] = "forward",
+    compression: Annotated[
+        str, typer.Option(envvar=_env("send-compression"), help="gzip or zstd (compressed mode).")
+    ] = "gzip",
+    batch: Annotated[int, typer.Option(envvar=_env("send-batch"), help="Records per frame.")] = 1000,
+    time_key: Annotated[
+        str | None,
+        typer.Option(envvar=_env("send-time-key"), help="Field holding the event time (Unix s or RFC 3339)."),
+    ] = None,
+    shared_key: Annotated[
+        str | None, typer.Option(envvar=_env("send-shared-key"), help="Shared key for the handshake.")
+    ] = None,
+    self_hostname: Annotated[
+        str, typer.Option(envvar=_env("send-self-hostname"), help="Our hostname in the handshake.")
+    ] = "fluentforward-send",
+    username: Annotated[str, typer.Option(envvar=_env("send-username"), help="User for user auth.")] = "",
+    password: Annotated[str, typer.Option(envvar=_env("send-password"), help="Password for user auth.")] = "",
+    timeout: Annotated[
+        str, typer.Option(envvar=_env("send-timeout"), help="Connect, write and ack timeout.")
+    ] = "30s",
+) -> None:
+    """Send JSON lines as Forward records (a real client for tests, demos and load)."""
+    from fluentforward import client as fc  # noqa: PLC0415
+
+    try:
+        target = parse_listen(address, option="ADDRESS")
+        if mode not in SEND_MODES:
+            raise ConfigError(f"--mode: expected one of {', '.join(SEND_MODES)}, got {mode!r}")
+        encoder = fc.FrameEncoder(
+            mode=mode,
+            v2_entries=True,
+            compression=compression,
+            require_ack=ack,
+            batch_records=_positive(batch, "--batch"),
+        )
+        wait = _positive_f(parse_duration(timeout, option="--timeout"), "--timeout")
+        stream = sys.stdin if source == "-" else Path(source).open(encoding="utf-8")  # noqa: SIM115
+    except (ConfigError, ValueError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{source}: {exc.strerror or exc}")
+    auth = (
+        None
+        if shared_key is None
+        else fc.ClientAuth(
+            shared_key=shared_key.encode(),
+            self_hostname=self_hostname,
+            username=username,
+            password=password.encode(),
+        )
+    )
+
+    async def run() -> tuple[int, int]:
+        records = frames = 0
+        async with fc.open_forward_client(
+            target.host, target.port, auth=auth, connect_timeout=wait, ack_timeout=wait, send_timeout=wait
+        ) as conn:
+            entries = fc.read_json_lines(stream, time_key=time_key)
+            for frame in encoder.encode(tag, entries):
+                await conn.send(frame)
+                records += frame.records
+                frames += 1
+        return records, frames
+
+    try:
+        records, frames = trio.run(run)
+    except* FluentForwardError as group:
+        fail(str(group.exceptions[0]))
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    typer.echo(f"sent {records} records in {frames} frames" + (" (all acked)" if ack else ""), err=True)
+
+
+# -- spool ls / verify / cat -------------------------------------------------------------------------
+
+
+def _existing_spool(directory: Path) -> Path:
+    if not directory.is_dir():
+        fail(f"{directory}: not a spool directory (no such directory)")
+    if not (directory / "segments").is_dir():
+        fail(f"{directory}: not a spool directory (no segments/ inside)")
+    return directory
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
+    )
+
+
+@spool_app.command("ls")
+def spool_ls(
+    directory: Annotated[Path, typer.Argument(envvar=_env("spool-dir"), help="The spool directory.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", envvar=_env("json"), help="One JSON object per segment.")
+    ] = False,
+) -> None:
+    """List segments: frames, records, bytes and the receive-time range."""
+    directory = _existing_spool(directory)
+    totals = {"frames": 0, "records": 0, "bytes": 0}
+    rows: list[dict[str, Any]] = []
+    for sequence in list_segments(directory):
+        path = segment_path(directory, sequence)
+        row: dict[str, Any] = {
+            "segment": path.name,
+            "frames": 0,
+            "records": 0,
+            "bytes": 0,
+            "first": None,
+            "last": None,
+        }
+        for frame in read_frames(
+            directory, _start_of(sequence), verify=False, want_raw=False, stop=_end_of(sequence)
+        ):
+            row["frames"] += 1
+            row["records"] += frame.header.record_count
+            row["first"] = row["first"] or frame.header.recv_time_ns
+            row["last"] = frame.header.recv_time_ns
+        row["bytes"] = path.stat().st_size
+        for key in totals:
+            totals[key] += row[key]
+        rows.append(row)
+    if as_json:
+        for row in rows:
+            typer.echo(orjson.dumps(row).decode())
+        return
+    typer.echo(f"{'SEGMENT':<26} {'FRAMES':>8} {'RECORDS':>10} {'BYTES':>12}  RECEIVED (UTC)")
+    for row in rows:
+        span = f"{_iso(row['first'])} .. {_iso(row['last'])}" if row["first"] else "-"
+        typer.echo(f"{row['segment']:<26} {row['frames']:>8} {row['records']:>10} {row['bytes']:>12}  {span}")
+    typer.echo(f"{'total':<26} {totals['frames']:>8} {totals['records']:>10} {totals['bytes']:>12}")
+
+
+def _start_of(sequence: int) -> Any:
+    from fluentforward.spool import Position  # noqa: PLC0415
+
+    return Position(segment=sequence, offset=8)
+
+
+def _end_of(sequence: int) -> Any:
+    from fluentforward.spool import Position  # noqa: PLC0415
+
+    return Position(segment=sequence, offset=2**62)
+
+
+@spool_app.command("verify")
+def spool_verify(
+    directory: Annotated[Path, typer.Argument(envvar=_env("spool-dir"), help="The spool directory.")],
+) -> None:
+    """Check every frame's checksum; exit 1 naming the first corrupt place."""
+    directory = _existing_spool(directory)
+    bad: list[tuple[Path, ScanEnd]] = []
+    frames = 0
+    for _ in read_frames(directory, want_raw=False, on_bad=lambda path, end: bad.append((path, end))):
+        frames += 1
+    if bad:
+        path, end = bad[0]
+        kind = "torn tail" if end.truncated else "corrupt"
+        typer.echo(f"{path}@{end.offset}: {kind}: {end.reason} ({len(bad)} bad segment(s))", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {frames} frames in {len(list_segments(directory))} segments verified")
+
+
+@spool_app.command("cat")
+def spool_cat(
+    directory: Annotated[Path, typer.Argument(envvar=_env("spool-dir"), help="The spool directory.")],
+    since: Annotated[
+        str | None,
+        typer.Option(envvar=_env("since"), help="Only events at or after: RFC 3339, Unix s, or 15m ago."),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(envvar=_env("until"), help="Only events before this time.")
+    ] = None,
+    tag: Annotated[str | None, typer.Option(envvar=_env("tag"), help="Only tags matching this glob.")] = None,
+) -> None:
+    """Print one JSON object per record: tag, time_ns, record, metadata, trace_id, span_id."""
+    from fluentforward.ids import extract_trace_context  # noqa: PLC0415
+    from fluentforward.reader import RecordFilter, iter_records  # noqa: PLC0415
+    from fluentforward.records import jsonable  # noqa: PLC0415
+
+    directory = _existing_spool(directory)
+    now = time.time_ns()
+    try:
+        record_filter = RecordFilter(
+            since_ns=None if since is None else parse_time_ns(since, option="--since", now_ns=now),
+            until_ns=None if until is None else parse_time_ns(until, option="--until", now_ns=now),
+            tag_glob=tag,
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+    out = sys.stdout.buffer
+
+    def bad_segment(path: Path, end: ScanEnd) -> None:
+        typer.echo(f"fluentforward: {path}@{end.offset}: {end.reason}; skipping the rest of it", err=True)
+
+    try:
+        for item in iter_records(directory, record_filter, on_bad_segment=bad_segment):
+            entry = item.entry
+            trace = extract_trace_context(entry.record, entry.metadata)
+            out.write(
+                orjson.dumps(
+                    {
+                        "tag": item.tag,
+                        "time_ns": entry.time_ns,
+                        "record": jsonable(entry.record),
+                        "metadata": jsonable(entry.metadata),
+                        "trace_id": trace.trace_id if trace else None,
+                        "span_id": trace.span_id if trace else None,
+                        "peer": item.frame.header.peer,
+                    }
+                )
+                + b"\n"
+            )
+    except BrokenPipeError:  # `spool cat | head` is normal use
+        sys.stderr.close()
+    except SpoolError as exc:
+        fail(str(exc))
 
 
 def main() -> None:
     """Entry point of the ``fluentforward`` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - interactive use
+        sys.exit(130)

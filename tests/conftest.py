@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -19,3 +21,10 @@ DATA = REPO / "tests" / "data"
 
 FLUENT_BIT = DATA / "fluent-bit-5.1.1"
 TRACE_VECTORS = DATA / "trace-ids" / "vectors.json"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    """A CLI test configures structlog for a captured stream; later tests start from the defaults."""
+    yield
+    structlog.reset_defaults()

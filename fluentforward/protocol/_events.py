@@ -15,8 +15,8 @@ import attrs
 
 __all__ = [
     "Ack",
-    "Entry",
     "EntriesReceived",
+    "Entry",
     "Event",
     "HandshakeCompleted",
     "HandshakeFailed",
@@ -62,6 +62,7 @@ class EntriesReceived(Event):
         raw: the frame exactly as received; this is what the spool keeps.
         chunk: set when the client expects ``{"ack": chunk}``; echoed byte for byte.
         offset: byte offset of the frame in the connection's input stream.
+        mode: the carrier mode (``message``, ``forward``, ``packed``, ``compressed``).
     """
 
     tag: str
@@ -70,6 +71,7 @@ class EntriesReceived(Event):
     raw: bytes
     chunk: str | None
     offset: int
+    mode: str = "forward"
 
 
 @attrs.frozen(kw_only=True)

@@ -1,0 +1,999 @@
+"""Shape decoded Forward entries into Loki entries (pure: no I/O).
+
+Role: turn one decoded ``Entry`` (record, Fluent Bit metadata, OTLP group) plus the trace context
+``fluentforward.ids`` already extracted into one ``LokiEntry``: index labels, log line, structured
+metadata and tenant. Settings are compiled once by ``build_rules``; ``Shaper.shape`` does no parsing.
+
+Public API::
+
+    build_rules(*, line_format="auto", labels=None, structured_metadata=None, cluster="",
+                tenant=None, envelope_keys=None, max_line_bytes=DEFAULT_MAX_LINE_BYTES) -> ShapeRules
+    Shaper(rules=...).shape(tag, entry, trace) -> LokiEntry
+    Template.parse(source) -> Template;  Template.render(tag, entry, trace=None) -> str
+    LineFormat, jsonable(value), clean_text(text), sanitize_label_name(name)
+
+Template grammar (in the spirit of Fluent Bit's record accessor)::
+
+    template    = alternative *( "|" alternative )       first non-empty alternative wins
+    alternative = 1*( accessor / group / literal )       concatenation
+    group       = "(" template ")"
+    accessor    = "$" name *( "[" key "]" )
+    name        = ( ALPHA / "_" ) *( ALPHA / DIGIT / "_" )
+    key         = "'" text "'" / DQUOTE text DQUOTE / 1*DIGIT   (inside quotes "\\" escapes a char)
+    literal     = 1*( any char but "$|()\\" / "\\" any-char )
+
+Roots: ``$record`` (the record), ``$metadata`` (the entry's metadata map), ``$resource`` (the OTLP
+group's ``resource.attributes``), ``$group`` (the whole group record), ``$tag``, ``$trace_id`` and
+``$span_id`` (from the ``TraceContext`` argument; the last three take no keys). Any other name is
+shorthand for a record key: ``$kubernetes['pod_name']`` is ``$record['kubernetes']['pod_name']``
+(so a record key named like a root needs the long form, ``$record['tag']``). A digit key indexes
+an array. A string key also matches a ``bytes`` map key with the same UTF-8 spelling.
+
+Evaluation: an accessor is *empty* when the path is missing or ends at None, ``""``, ``b""``, an
+empty map or an empty array. An alternative is empty when any accessor or group in it is empty (so
+``$a/$b`` needs both); literals alone are never empty. A group or template yields its first
+non-empty alternative, else ``""``. Whitespace at the ends of an alternative is ignored. Values
+become text as: str as is, bool ``true``/``false``, numbers via ``str``/``repr``, bytes as below,
+maps and arrays as compact JSON of ``jsonable(value)``.
+
+Defaults (LOKI.md A5 policy). Labels: ``namespace``, ``container``, ``app`` (pod label
+``app.kubernetes.io/name``, ``app``, ``k8s-app``, ``name``, then OTLP ``service.name``), ``job``
+(``<namespace>/<app>`` when both resolve), ``cluster`` (the ``cluster`` setting, when non-empty);
+each falls back to the OTLP resource attribute (``k8s.namespace.name``...). Structured metadata:
+``trace_id``, ``span_id``, ``pod``, ``node`` and ``level`` (OTLP ``severity_text``; Loki cannot see
+it otherwise). User settings are merged over the defaults by (sanitized) name; an empty template
+removes a default. A label that resolves to ``""`` is omitted; if none resolves the entry gets
+``FALLBACK_LABEL`` (``job="fluentforward"``, like Fluent Bit's ``job="fluent-bit"``; never the tag,
+which embeds the pod name). A user label that also exists as default structured metadata replaces it.
+
+Trace ids are never labels (LOKI.md A3): a label named, or reading a key named, ``trace_id``,
+``span_id``, ``traceparent`` (any case or punctuation), or using ``$trace_id``/``$span_id``, is a
+``ConfigError``: such a label would create one stream per request.
+
+Bounds (LOKI.md A2/A6): at most ``MAX_LABELS`` labels and ``MAX_STRUCTURED_METADATA_ENTRIES`` metadata
+entries may be configured (else ``ConfigError``); names are sanitized once at build time; label
+values are cut to ``MAX_LABEL_VALUE_BYTES`` at a UTF-8 boundary; structured metadata is kept in
+configured order (``trace_id`` and ``span_id`` first) and an entry that would push the total past
+``MAX_STRUCTURED_METADATA_BYTES`` is dropped; a line over ``max_line_bytes`` is cut at a UTF-8
+boundary and ends with ``LINE_TRUNCATION_MARKER`` (same total size), because Loki would drop it whole.
+A per-record tenant has characters outside Loki's set replaced by ``_`` and is cut to 150 bytes.
+
+Text invariants: every string in a ``LokiEntry`` is valid Unicode. Invalid UTF-8 that arrived in a
+msgpack str (kept as lone surrogates by the decoder) becomes one U+FFFD per invalid byte; any other
+lone surrogate likewise. A msgpack bin value (or map key) becomes its text when it is valid UTF-8,
+else its lowercase hex (``b"\\x5b\\x8e"`` -> ``"5b8e"``), except a bin log message in the line, which
+is decoded with U+FFFD. The record, metadata and group are never mutated.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import orjson
+
+from fluentforward.errors import ConfigError
+from fluentforward.ids import TraceContext
+from fluentforward.protocol._events import Entry
+from fluentforward.sinks import LokiEntry
+
+__all__ = [
+    "DEFAULT_ENVELOPE_KEYS",
+    "DEFAULT_LABELS",
+    "DEFAULT_MAX_LINE_BYTES",
+    "DEFAULT_STRUCTURED_METADATA",
+    "FALLBACK_LABEL",
+    "JSONABLE_MAX_DEPTH",
+    "LINE_TRUNCATION_MARKER",
+    "MAX_LABELS",
+    "MAX_LABEL_VALUE_BYTES",
+    "MAX_STRUCTURED_METADATA_BYTES",
+    "MAX_STRUCTURED_METADATA_ENTRIES",
+    "LineFormat",
+    "ShapeRules",
+    "Shaper",
+    "Template",
+    "build_rules",
+    "clean_text",
+    "jsonable",
+    "sanitize_label_name",
+]
+
+# Loki's max_label_names_per_series default; a 16th label makes Loki reject the entry (400).
+MAX_LABELS = 15
+# Loki's max_label_name_length default.
+MAX_LABEL_NAME_BYTES = 1024
+# Loki's max_label_value_length default (bytes); longer values are rejected with 400.
+MAX_LABEL_VALUE_BYTES = 2048
+# Loki's max_structured_metadata_entries_count default.
+MAX_STRUCTURED_METADATA_ENTRIES = 128
+# Loki's max_structured_metadata_size "64KB"; Loki parses KB as 1000 bytes, so this is the safe value.
+MAX_STRUCTURED_METADATA_BYTES = 64_000
+# Loki's max_line_size "256KB", read as 256 000 bytes for the same reason; 0 disables the bound.
+DEFAULT_MAX_LINE_BYTES = 256_000
+# Smallest useful line bound: room for the marker and some text.
+MIN_MAX_LINE_BYTES = 64
+# Loki tenant ids: at most 150 bytes (Cortex's MaxTenantIDLength).
+MAX_TENANT_BYTES = 150
+# Deeper containers are replaced by JSONABLE_TOO_DEEP: keeps recursion well under Python's limit
+# and orjson's 255-level limit.
+JSONABLE_MAX_DEPTH = 100
+JSONABLE_TOO_DEEP = "[too deep]"
+LINE_TRUNCATION_MARKER = "...[truncated]"
+FALLBACK_LABEL: tuple[str, str] = ("job", "fluentforward")
+
+# Fluent Bit tail/CRI/docker parsers, the kubernetes filter and Fluentd's kubernetes_metadata add
+# these around the application's own fields; they are not part of the log payload.
+DEFAULT_ENVELOPE_KEYS: frozenset[str] = frozenset(
+    {"stream", "_p", "time", "logtag", "kubernetes", "kubernetes_namespace", "docker"}
+)
+# Keys that hold the log text itself, in order of preference (bytes: keys sent as msgpack bin).
+_MESSAGE_KEYS: tuple[str | bytes, ...] = ("log", b"log", "message", b"message", "msg", b"msg")
+_MESSAGE_KEY_SET = frozenset(_MESSAGE_KEYS)
+
+_NAMESPACE = "$kubernetes['namespace_name'] | $resource['k8s.namespace.name']"
+_APP = (
+    "$kubernetes['labels']['app.kubernetes.io/name'] | $kubernetes['labels']['app']"
+    " | $kubernetes['labels']['k8s-app'] | $kubernetes['labels']['name'] | $resource['service.name']"
+)
+DEFAULT_LABELS: Mapping[str, str] = {
+    "namespace": _NAMESPACE,
+    "container": "$kubernetes['container_name'] | $resource['k8s.container.name']",
+    "app": _APP,
+    "job": f"({_NAMESPACE})/({_APP})",
+}
+DEFAULT_STRUCTURED_METADATA: Mapping[str, str] = {
+    "trace_id": "$trace_id",
+    "span_id": "$span_id",
+    "pod": "$kubernetes['pod_name'] | $resource['k8s.pod.name']",
+    "node": "$kubernetes['host'] | $resource['k8s.node.name']",
+    "level": "$metadata['otlp']['severity_text']",
+}
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_LABEL_NAME_INVALID = re.compile(r"[^A-Za-z0-9_]")
+_TENANT_INVALID = re.compile(r"[^A-Za-z0-9!\-_.*'()]")
+_KV_KEY_INVALID = re.compile(r'[\s"=\x00-\x1f\x7f]')
+_KV_NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f]')
+_TRACE_NAMES = ("traceid", "spanid", "traceparent")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DIGITS = re.compile(r"[0-9]+")
+_I64_MIN = -(2**63)
+_U64_MAX = 2**64 - 1
+
+_RECORD, _METADATA, _RESOURCE, _GROUP, _TAG, _TRACE_ID, _SPAN_ID = range(7)
+_ROOTS = {
+    "record": _RECORD,
+    "metadata": _METADATA,
+    "resource": _RESOURCE,
+    "group": _GROUP,
+    "tag": _TAG,
+    "trace_id": _TRACE_ID,
+    "span_id": _SPAN_ID,
+}
+_SCALAR_ROOTS = frozenset({_TAG, _TRACE_ID, _SPAN_ID})
+
+
+class LineFormat(enum.StrEnum):
+    """How the log line is built from the record's payload (the record minus envelope keys)."""
+
+    AUTO = "auto"  # the log text if the payload is just log/message/msg, else JSON
+    RAW = "raw"  # the log/message/msg text, JSON of the payload when there is none
+    JSON = "json"  # compact JSON of the payload
+    KEY_VALUE = "key_value"  # logfmt: k=v, quoted when needed, maps and arrays as JSON
+
+
+# --- text helpers -----------------------------------------------------------------------------
+
+
+def clean_text(text: str) -> str:
+    """Return ``text`` with every lone surrogate replaced by U+FFFD (valid Unicode, encodable)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def _bytes_text(data: bytes) -> str:
+    """A bin value as text: its UTF-8 text when valid, else lowercase hex (ids arrive as bin)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.hex()
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """Valid ``text`` cut to at most ``limit`` UTF-8 bytes without splitting a character."""
+    if text.isascii():
+        return text[:limit]
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore")
+
+
+def _key_text(key: Any) -> str:
+    if type(key) is str:
+        return clean_text(key)
+    return "null" if key is None else clean_text(_value_text(key))
+
+
+def _value_text(value: Any) -> str:
+    """Template text of a decoded value; ``""`` means empty. May hold surrogates (cleaned later)."""
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return _bytes_text(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (dict, list, tuple)):
+        return _json_bytes(value).decode("utf-8") if value else ""
+    if isinstance(value, str):
+        return str(value)
+    return clean_text(str(value))
+
+
+def jsonable(value: Any) -> Any:
+    """Return a copy of a decoded value that ``orjson.dumps`` always accepts.
+
+    Strings are cleaned (lone surrogates -> U+FFFD); bytes become their UTF-8 text when valid, else
+    lowercase hex; map keys become strings the same way (None -> ``"null"``, bool ->
+    ``"true"``/``"false"``, numbers via ``str``); tuples (msgpack ``ExtType`` included) become lists;
+    integers outside 64 bits become decimal strings; containers nested deeper than
+    ``JSONABLE_MAX_DEPTH`` become ``"[too deep]"``; anything else becomes ``str(value)``. When two
+    keys map to the same string the later one wins.
+
+    Args:
+        value: anything msgpack decoding produced (record, metadata, group).
+
+    Returns:
+        A structure of dict/list/str/int/float/bool/None.
+    """
+    return _jsonable(value, 0)
+
+
+def _jsonable(value: Any, depth: int) -> Any:
+    kind = type(value)
+    if kind is str:
+        return clean_text(value)
+    if kind is float or kind is bool or value is None:
+        return value
+    if kind is int:
+        return value if _I64_MIN <= value <= _U64_MAX else str(value)
+    if isinstance(value, dict):
+        if depth >= JSONABLE_MAX_DEPTH:
+            return JSONABLE_TOO_DEEP
+        return {_key_text(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if depth >= JSONABLE_MAX_DEPTH:
+            return JSONABLE_TOO_DEEP
+        return [_jsonable(v, depth + 1) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _bytes_text(bytes(value))
+    if isinstance(value, int):  # subclasses such as IntEnum; bool is handled above
+        return _jsonable(int(value), depth)
+    if isinstance(value, float):
+        return float(value)
+    return clean_text(str(value))
+
+
+def _json_bytes(value: Any) -> bytes:
+    """Compact JSON; tries orjson on the value as is (the common, clean case) before copying it."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: bytes, surrogates, odd keys, huge ints, depth
+        return orjson.dumps(jsonable(value))
+
+
+def sanitize_label_name(name: str) -> str:
+    """Map ``name`` onto Loki's ``[a-zA-Z_][a-zA-Z0-9_]*`` without the reserved ``__`` prefix.
+
+    Other characters become ``_``, a leading digit gets a ``_`` prefix, leading underscores collapse
+    to one (``app.kubernetes.io/name`` -> ``app_kubernetes_io_name``, ``__x`` -> ``_x``).
+    """
+    out = _LABEL_NAME_INVALID.sub("_", name)
+    if out.startswith("__"):
+        out = "_" + out.lstrip("_")
+    if not out or out[0].isdigit():
+        out = "_" + out
+    return out
+
+
+def _clean_tenant(text: str) -> str:
+    out = _TENANT_INVALID.sub("_", text)[:MAX_TENANT_BYTES]
+    # Loki refuses "." and ".." as tenant ids (they would be path components).
+    return out.replace(".", "_") if out in {".", ".."} else out
+
+
+# --- templates --------------------------------------------------------------------------------
+
+
+# Templates are parsed into a small tree (_Accessor, _Group, literal str parts; compared for reuse,
+# inspected for the trace-id policy) and then compiled into closures: one call per accessor.
+_Alternatives = tuple[tuple[Any, ...], ...]
+_Compiled = Callable[[Sequence[Any]], str]
+
+
+@attrs.frozen(kw_only=True)
+class _Accessor:
+    root: int
+    # Each step is (key, bytes spelling of a str key or None); int keys index arrays.
+    steps: tuple[tuple[str | int, bytes | None], ...]
+
+    def string_keys(self) -> Iterator[str]:
+        yield from (key for key, _ in self.steps if isinstance(key, str))
+
+
+@attrs.frozen(kw_only=True)
+class _Group:
+    alternatives: _Alternatives
+
+
+def _step(value: Any, key: str | int, alt: bytes | None) -> Any:
+    """One accessor step on anything but a plain dict (the fast path inlined in the closure)."""
+    if isinstance(value, dict):
+        found = value.get(key)
+        return value.get(alt) if found is None and alt is not None else found
+    if isinstance(value, (list, tuple)) and type(key) is int:
+        return value[key] if key < len(value) else None
+    return None
+
+
+_Step = tuple[str | int, bytes | None]
+
+
+def _compile_accessor(root: int, prefix: tuple[_Step, ...], finals: tuple[_Step, ...]) -> _Compiled:
+    """Text of ``root/prefix/final`` for the first final step that yields non-empty text.
+
+    Several finals come from consecutive alternatives that differ only in their last key (the
+    default ``app`` reads four keys of ``kubernetes.labels``): the prefix is walked once.
+    """
+    if not finals:
+
+        def get_root(roots: Sequence[Any]) -> str:
+            value = roots[root]
+            return value if type(value) is str else _value_text(value)
+
+        return get_root
+
+    def get_path(roots: Sequence[Any]) -> str:
+        value = roots[root]
+        for key, alt in prefix:
+            if type(value) is dict:
+                found = value.get(key)
+                value = value.get(alt) if found is None and alt is not None else found
+            elif value is None:
+                return ""
+            else:
+                value = _step(value, key, alt)
+        if type(value) is dict:
+            for key, alt in finals:
+                found = value.get(key)
+                if found is None and alt is not None:
+                    found = value.get(alt)
+                text = found if type(found) is str else _value_text(found)
+                if text:
+                    return text
+        elif value is not None:
+            for key, alt in finals:
+                text = _value_text(_step(value, key, alt))
+                if text:
+                    return text
+        return ""
+
+    return get_path
+
+
+def _concat(parts: tuple[str | _Compiled, ...], roots: Sequence[Any]) -> str:
+    pieces = []
+    for part in parts:
+        if type(part) is str:
+            pieces.append(part)
+            continue
+        text = part(roots)  # type: ignore[operator]
+        if not text:
+            return ""
+        pieces.append(text)
+    return "".join(pieces)
+
+
+def _compile_parts(parts: tuple[Any, ...]) -> _Compiled:
+    compiled = tuple(
+        part
+        if isinstance(part, str)
+        else _compile(part.alternatives)
+        if isinstance(part, _Group)
+        else _compile_accessor(part.root, part.steps[:-1], part.steps[-1:])
+        for part in parts
+    )
+    if len(compiled) > 1:
+        return functools.partial(_concat, compiled)
+    if isinstance(compiled[0], str):
+        return functools.partial(_constant, compiled[0])
+    return compiled[0]
+
+
+def _compile(alternatives: _Alternatives) -> _Compiled:
+    """One closure for an alternation; it returns ``""`` when every alternative is empty."""
+    choices: list[_Compiled] = []
+    run: list[_Accessor] = []  # consecutive lone accessors differing only in their last key
+    for parts in (*alternatives, ()):
+        lone = parts[0] if len(parts) == 1 and isinstance(parts[0], _Accessor) else None
+        if lone is not None and not lone.steps:
+            lone = None
+        if lone is not None and (not run or (lone.root, lone.steps[:-1]) == (run[0].root, run[0].steps[:-1])):
+            run.append(lone)
+            continue
+        if run:
+            finals = tuple(acc.steps[-1] for acc in run)
+            choices.append(_compile_accessor(run[0].root, run[0].steps[:-1], finals))
+            run = []
+        if lone is not None:
+            run.append(lone)
+        elif parts:
+            choices.append(_compile_parts(parts))
+    if len(choices) == 1:
+        return choices[0]
+    options = tuple(choices)
+
+    def first(roots: Sequence[Any]) -> str:
+        for option in options:
+            text = option(roots)
+            if text:
+                return text
+        return ""
+
+    return first
+
+
+def _constant(text: str, _roots: Sequence[Any]) -> str:
+    return text
+
+
+class _Parser:
+    """Recursive descent over the grammar in the module docstring; runs once per setting."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.pos = 0
+
+    def error(self, message: str, pos: int | None = None) -> ConfigError:
+        column = (self.pos if pos is None else pos) + 1
+        return ConfigError(f"template {self.source!r}, column {column}: {message}")
+
+    def parse(self) -> _Alternatives:
+        alternatives = self.alternatives()
+        if self.pos < len(self.source):
+            raise self.error("')' without a matching '('")
+        return alternatives
+
+    def alternatives(self) -> _Alternatives:
+        found = [self.sequence()]
+        while self.pos < len(self.source) and self.source[self.pos] == "|":
+            self.pos += 1
+            found.append(self.sequence())
+        return tuple(found)
+
+    def sequence(self) -> tuple[Any, ...]:
+        start = self.pos
+        parts: list[Any] = []
+        while self.pos < len(self.source):
+            char = self.source[self.pos]
+            if char in "|)":
+                break
+            if char == "$":
+                parts.append(self.accessor())
+            elif char == "(":
+                self.pos += 1
+                alternatives = self.alternatives()
+                if self.pos >= len(self.source):
+                    raise self.error("'(' is never closed", start)
+                self.pos += 1
+                parts.append(_Group(alternatives=alternatives))
+            else:
+                parts.append(self.literal())
+        if parts and isinstance(parts[0], str):
+            parts[0] = parts[0].lstrip()
+        if parts and isinstance(parts[-1], str):
+            parts[-1] = parts[-1].rstrip()
+        parts = [part for part in parts if part != ""]
+        if not parts:
+            raise self.error("empty alternative", start)
+        return tuple(parts)
+
+    def literal(self) -> str:
+        chars = []
+        while self.pos < len(self.source) and self.source[self.pos] not in "$|()":
+            char = self.source[self.pos]
+            if char == "\\":
+                self.pos += 1
+                if self.pos >= len(self.source):
+                    raise self.error("'\\' at the end escapes nothing", self.pos - 1)
+                char = self.source[self.pos]
+            chars.append(char)
+            self.pos += 1
+        return "".join(chars)
+
+    def accessor(self) -> _Accessor:
+        start = self.pos
+        match = _NAME.match(self.source, self.pos + 1)
+        if match is None:
+            raise self.error("expected a name after '$' (write '\\$' for a literal '$')")
+        self.pos = match.end()
+        name = match.group()
+        root = _ROOTS.get(name)
+        steps: list[tuple[str | int, bytes | None]] = []
+        if root is None:
+            root = _RECORD
+            steps.append((name, name.encode("utf-8")))
+        while self.pos < len(self.source) and self.source[self.pos] == "[":
+            steps.append(self.subscript())
+        if root in _SCALAR_ROOTS and steps:
+            raise self.error(f"${name} is a string and takes no keys", start)
+        return _Accessor(root=root, steps=tuple(steps))
+
+    def subscript(self) -> tuple[str | int, bytes | None]:
+        open_pos = self.pos
+        self.pos += 1
+        source = self.source
+        if self.pos < len(source) and source[self.pos] in "'\"":
+            quote = source[self.pos]
+            self.pos += 1
+            chars = []
+            while self.pos < len(source) and source[self.pos] != quote:
+                if source[self.pos] == "\\":
+                    self.pos += 1
+                if self.pos < len(source):
+                    chars.append(source[self.pos])
+                    self.pos += 1
+            if self.pos >= len(source):
+                raise self.error(f"unterminated {quote} in key", open_pos)
+            self.pos += 1
+            text = "".join(chars)
+            key: tuple[str | int, bytes | None] = (text, text.encode("utf-8", "surrogatepass"))
+        else:
+            digits = _DIGITS.match(source, self.pos)
+            if digits is None:
+                raise self.error("expected a quoted key or an array index after '['")
+            self.pos = digits.end()
+            key = (int(digits.group()), None)
+        if self.pos >= len(source) or source[self.pos] != "]":
+            raise self.error("expected ']'")
+        self.pos += 1
+        return key
+
+
+@attrs.frozen(kw_only=True)
+class Template:
+    """A parsed template (grammar in the module docstring). Build it with ``Template.parse``."""
+
+    source: str
+    _alternatives: _Alternatives
+    _compiled: _Compiled = attrs.field(
+        init=False,
+        eq=False,
+        repr=False,
+        default=attrs.Factory(lambda t: _compile(t._alternatives), takes_self=True),
+    )
+
+    @classmethod
+    def parse(cls, source: str) -> Template:
+        """Parse ``source`` once into accessor objects.
+
+        Raises:
+            ConfigError: the template is empty or malformed; the message names the column.
+        """
+        if not isinstance(source, str):
+            raise ConfigError(f"template {source!r} must be a string")
+        return cls(source=source, alternatives=_Parser(source).parse())
+
+    @classmethod
+    def literal(cls, text: str) -> Template:
+        """A template that always yields ``text`` (no ``$`` or ``|`` interpretation)."""
+        return cls(source=text, alternatives=((text,),))
+
+    @property
+    def is_literal(self) -> bool:
+        """True when the template reads nothing from the entry."""
+        return all(type(part) is str for parts in self._alternatives for part in parts)
+
+    def render(self, tag: str, entry: Entry, trace: TraceContext | None = None) -> str:
+        """Evaluate against one entry; ``""`` when nothing resolves. The result is valid Unicode."""
+        return clean_text(self._compiled(_roots(tag, entry, trace)))
+
+    def _accessors(self) -> Iterator[_Accessor]:
+        """Every accessor, groups included (used to check the trace-id policy)."""
+        stack = [self._alternatives]
+        while stack:
+            for parts in stack.pop():
+                for part in parts:
+                    if isinstance(part, _Accessor):
+                        yield part
+                    elif isinstance(part, _Group):
+                        stack.append(part.alternatives)
+
+
+def _roots(tag: str, entry: Entry, trace: TraceContext | None) -> list[Any]:
+    """The values accessors start from, indexed by ``_RECORD``...; plan results are appended."""
+    group = entry.group
+    resource = None
+    if group is not None:
+        resource = group.get("resource")
+        resource = resource.get("attributes") if isinstance(resource, dict) else None
+    if trace is None:
+        return [entry.record, entry.metadata, resource, group, tag, None, None]
+    return [entry.record, entry.metadata, resource, group, tag, trace.trace_id, trace.span_id]
+
+
+# --- evaluation plan --------------------------------------------------------------------------
+# Every template of a rule set is evaluated once per entry, in plan order, and its raw result is
+# appended to the roots list, so it can be reused: a template identical to another one, or a group
+# identical to an earlier template (the default ``job`` is ``(<namespace>)/(<app>)``), becomes a
+# zero-step accessor of that result. Ordering by size guarantees a group's twin comes first.
+
+
+def _size(alternatives: _Alternatives) -> int:
+    return sum(
+        _size(part.alternatives) + 1 if isinstance(part, _Group) else 1
+        for parts in alternatives
+        for part in parts
+    )
+
+
+def _reuse(alternatives: _Alternatives, known: Mapping[Any, int]) -> _Alternatives:
+    rewritten = []
+    for parts in alternatives:
+        new_parts = []
+        for part in parts:
+            if isinstance(part, _Group):
+                slot = known.get(part.alternatives)
+                if slot is None:
+                    part = _Group(alternatives=_reuse(part.alternatives, known))  # noqa: PLW2901
+                else:
+                    part = _Accessor(root=slot, steps=())  # noqa: PLW2901
+            new_parts.append(part)
+        rewritten.append(tuple(new_parts))
+    return tuple(rewritten)
+
+
+@attrs.frozen(kw_only=True)
+class _Plan:
+    steps: tuple[_Compiled, ...]  # evaluated in order, results appended to the roots
+    labels: tuple[tuple[str, int], ...]  # (name, roots index), sorted by name
+    metadata: tuple[tuple[str, int], ...]
+    tenant: int | None
+
+
+def _make_plan(rules: ShapeRules) -> _Plan:
+    templates = [template for _, template in rules.labels + rules.structured_metadata]
+    if rules.tenant is not None:
+        templates.append(rules.tenant)
+    known: dict[Any, int] = {}
+    steps: list[_Compiled] = []
+    for template in sorted(templates, key=lambda t: _size(t._alternatives)):
+        if template._alternatives not in known:
+            known[template._alternatives] = len(_ROOTS) + len(steps)
+            steps.append(_compile(_reuse(template._alternatives, known)))
+    return _Plan(
+        steps=tuple(steps),
+        labels=tuple((name, known[t._alternatives]) for name, t in rules.labels),
+        metadata=tuple((name, known[t._alternatives]) for name, t in rules.structured_metadata),
+        tenant=None if rules.tenant is None else known[rules.tenant._alternatives],
+    )
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class ShapeRules:
+    """Compiled shaping settings; build with ``build_rules``.
+
+    Attributes:
+        line_format: how the line is built.
+        labels: (sanitized name, template), sorted by name, at most ``MAX_LABELS``.
+        structured_metadata: (sanitized name, template) in keep-first order.
+        tenant: per-entry tenant template, or None for the sink's tenant.
+        envelope_keys: record keys that are not payload (str and bytes spellings).
+        max_line_bytes: line bound in UTF-8 bytes (``sys.maxsize`` when unbounded).
+    """
+
+    line_format: LineFormat
+    labels: tuple[tuple[str, Template], ...]
+    structured_metadata: tuple[tuple[str, Template], ...]
+    tenant: Template | None
+    envelope_keys: frozenset[str | bytes]
+    max_line_bytes: int
+    _plan: _Plan = attrs.field(init=False, default=attrs.Factory(_make_plan, takes_self=True))
+
+
+def _is_trace_name(name: str) -> bool:
+    letters = re.sub(r"[^a-z]", "", name.lower())
+    return any(word in letters for word in _TRACE_NAMES)
+
+
+def _reads_trace_ids(template: Template) -> bool:
+    return any(
+        acc.root in {_TRACE_ID, _SPAN_ID} or any(_is_trace_name(key) for key in acc.string_keys())
+        for acc in template._accessors()
+    )
+
+
+def _compile_templates(
+    kind: str, defaults: Mapping[str, str | Template], settings: Mapping[str, str] | None
+) -> tuple[dict[str, Template], set[str]]:
+    """Merge ``settings`` over ``defaults`` by sanitized name; ``""`` removes a name.
+
+    Returns:
+        The compiled templates, and the names the user configured with a non-empty template.
+    """
+    if settings is not None and not isinstance(settings, Mapping):
+        raise ConfigError(f"{kind} must be a table of name = template, not {settings!r}")
+    merged = dict(defaults)
+    origin: dict[str, str] = {}
+    for raw_name, source in (settings or {}).items():
+        if not isinstance(raw_name, str) or not raw_name:
+            raise ConfigError(f"{kind}: name {raw_name!r} must be a non-empty string")
+        if not isinstance(source, str):
+            raise ConfigError(f"{kind}.{raw_name}: template must be a string, not {source!r}")
+        name = sanitize_label_name(raw_name)
+        if name in origin:
+            raise ConfigError(f"{kind}: {origin[name]!r} and {raw_name!r} both become {name!r}")
+        if len(name.encode("utf-8")) > MAX_LABEL_NAME_BYTES:
+            raise ConfigError(f"{kind}: name {raw_name[:40]!r}... is over {MAX_LABEL_NAME_BYTES} bytes")
+        origin[name] = raw_name
+        merged[name] = source
+    compiled: dict[str, Template] = {}
+    for name, setting in merged.items():
+        if isinstance(setting, Template):
+            compiled[name] = setting
+        elif setting.strip():
+            try:
+                compiled[name] = Template.parse(setting)
+            except ConfigError as exc:
+                raise ConfigError(f"{kind}.{origin.get(name, name)}: {exc}") from None
+    return compiled, {name for name in origin if name in compiled}
+
+
+def build_rules(
+    *,
+    line_format: str = LineFormat.AUTO,
+    labels: Mapping[str, str] | None = None,
+    structured_metadata: Mapping[str, str] | None = None,
+    cluster: str = "",
+    tenant: str | None = None,
+    envelope_keys: Iterable[str] | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> ShapeRules:
+    """Validate simple settings (CLI flags, TOML) and compile them into ``ShapeRules``.
+
+    Args:
+        line_format: ``auto``, ``raw``, ``json`` or ``key_value``.
+        labels: name -> template, merged over ``DEFAULT_LABELS``; ``""`` removes a default.
+        structured_metadata: name -> template, merged over ``DEFAULT_STRUCTURED_METADATA``.
+        cluster: value of the ``cluster`` label, taken literally; no label when empty (a
+            ``labels.cluster`` entry wins).
+        tenant: tenant template (``acme`` or ``$kubernetes['namespace_name']``); None or ``""``:
+            the sink's tenant. A per-record value that resolves to ``""`` also means the sink's.
+        envelope_keys: record keys that are not payload; None means ``DEFAULT_ENVELOPE_KEYS``.
+        max_line_bytes: line bound in UTF-8 bytes; 0 disables it.
+
+    Raises:
+        ConfigError: a bad value, a malformed template, more than ``MAX_LABELS`` labels, a
+            trace-id label, names colliding after sanitization.
+    """
+    try:
+        fmt = LineFormat(line_format)
+    except ValueError:
+        choices = ", ".join(f.value for f in LineFormat)
+        raise ConfigError(f"line_format {line_format!r} is not one of {choices}") from None
+
+    default_labels: dict[str, str | Template] = dict(DEFAULT_LABELS)
+    if not isinstance(cluster, str):
+        raise ConfigError(f"cluster must be a string, not {cluster!r}")
+    if cluster:
+        if clean_text(cluster) != cluster or len(cluster.encode()) > MAX_LABEL_VALUE_BYTES:
+            raise ConfigError(f"cluster {cluster[:40]!r}: not text of at most 2048 UTF-8 bytes")
+        default_labels["cluster"] = Template.literal(cluster)
+    label_templates, _ = _compile_templates("labels", default_labels, labels)
+    if len(label_templates) > MAX_LABELS:
+        names = ", ".join(sorted(label_templates))
+        raise ConfigError(f"labels: {len(label_templates)} configured ({names}); Loki allows 15")
+    for name, template in label_templates.items():
+        if _is_trace_name(name) or _reads_trace_ids(template):
+            raise ConfigError(
+                f"labels.{name}: a trace or span id label makes one stream per request; "
+                "put it in structured_metadata instead"
+            )
+
+    sm_templates, user_sm = _compile_templates(
+        "structured_metadata", DEFAULT_STRUCTURED_METADATA, structured_metadata
+    )
+    for name in label_templates.keys() & sm_templates.keys():
+        if name in user_sm:
+            raise ConfigError(f"{name!r} is configured both as a label and as structured metadata")
+        del sm_templates[name]  # the user's label replaces the default metadata entry
+    if len(sm_templates) > MAX_STRUCTURED_METADATA_ENTRIES:
+        raise ConfigError(
+            f"structured_metadata: {len(sm_templates)} configured; Loki allows "
+            f"{MAX_STRUCTURED_METADATA_ENTRIES}"
+        )
+
+    tenant_template = None
+    if tenant is not None:
+        if not isinstance(tenant, str):
+            raise ConfigError(f"tenant must be a string, not {tenant!r}")
+        if tenant.strip():
+            try:
+                tenant_template = Template.parse(tenant)
+            except ConfigError as exc:
+                raise ConfigError(f"tenant: {exc}") from None
+            value = tenant_template.render("", Entry(time_ns=0, record={}))
+            if tenant_template.is_literal and _clean_tenant(value) != value:
+                raise ConfigError(
+                    f"tenant {tenant!r}: Loki accepts at most {MAX_TENANT_BYTES} bytes of "
+                    "A-Z a-z 0-9 ! - _ . * ' ( ), and not '.' or '..'"
+                )
+
+    if envelope_keys is None:
+        envelope: frozenset[str] = DEFAULT_ENVELOPE_KEYS
+    elif isinstance(envelope_keys, str) or not all(isinstance(k, str) for k in envelope_keys):
+        raise ConfigError(f"envelope_keys must be a list of strings, not {envelope_keys!r}")
+    else:
+        envelope = frozenset(envelope_keys)
+
+    if (
+        not isinstance(max_line_bytes, int)
+        or isinstance(max_line_bytes, bool)
+        or not (max_line_bytes == 0 or max_line_bytes >= MIN_MAX_LINE_BYTES)
+    ):
+        raise ConfigError(f"max_line_bytes must be 0 or >= {MIN_MAX_LINE_BYTES}, not {max_line_bytes!r}")
+
+    return ShapeRules(
+        line_format=fmt,
+        labels=tuple(sorted(label_templates.items())),
+        structured_metadata=tuple(sm_templates.items()),
+        tenant=tenant_template,
+        envelope_keys=envelope | {k.encode("utf-8", "surrogatepass") for k in envelope},
+        max_line_bytes=max_line_bytes or sys.maxsize,
+    )
+
+
+# --- shaping ----------------------------------------------------------------------------------
+
+
+def _message_text(value: Any) -> str | None:
+    """The text of a log/message/msg value without one trailing line ending; None if not text."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bytes):
+        text = value.decode("utf-8", "replace")  # a log line is text even when sent as bin
+    else:
+        return None
+    if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    return text
+
+
+def _kv_line(payload: Mapping[Any, Any]) -> str:
+    pairs = []
+    for key, value in payload.items():
+        name = _KV_KEY_INVALID.sub("_", _key_text(key)) or "_"
+        text = "null" if value is None else clean_text(_value_text(value))
+        if text == "" or _KV_NEEDS_QUOTES.search(text):
+            text = orjson.dumps(text).decode("utf-8")
+        pairs.append(f"{name}={text}")
+    return " ".join(pairs)
+
+
+@attrs.frozen(kw_only=True)
+class Shaper:
+    """Applies one ``ShapeRules`` to entries; immutable, safe to share between tasks."""
+
+    rules: ShapeRules
+
+    def shape(self, tag: str, entry: Entry, trace: TraceContext | None = None) -> LokiEntry:
+        """Build the Loki entry for one decoded event; never raises for any decoded input.
+
+        Args:
+            tag: the Forward tag (only used through ``$tag``).
+            entry: the decoded event; it is not modified.
+            trace: the trace context ``fluentforward.ids`` found for this event, if any.
+
+        Returns:
+            A ``LokiEntry`` whose strings are all valid Unicode and within Loki's limits.
+        """
+        rules = self.rules
+        plan = rules._plan
+        roots = _roots(tag, entry, trace)
+        append = roots.append
+        for step in plan.steps:
+            append(step(roots))
+
+        labels = []
+        for name, slot in plan.labels:
+            value = roots[slot]
+            if value:
+                if not value.isascii() or len(value) > MAX_LABEL_VALUE_BYTES:
+                    value = _cut_utf8(clean_text(value), MAX_LABEL_VALUE_BYTES)
+                labels.append((name, value))
+
+        metadata = []
+        budget = MAX_STRUCTURED_METADATA_BYTES
+        for name, slot in plan.metadata:
+            value = roots[slot]
+            if value:
+                if value.isascii():
+                    size = len(name) + len(value)  # Loki counts name + value bytes
+                else:
+                    value = clean_text(value)
+                    size = len(name) + len(value.encode("utf-8"))
+                if size <= budget:
+                    budget -= size
+                    metadata.append((name, value))
+
+        tenant = None
+        if plan.tenant is not None:
+            tenant = _clean_tenant(roots[plan.tenant]) or None
+
+        return LokiEntry(
+            labels=tuple(labels) if labels else (FALLBACK_LABEL,),
+            time_ns=entry.time_ns,
+            line=self._line(entry.record),
+            structured_metadata=tuple(metadata),
+            tenant=tenant,
+        )
+
+    def _line(self, record: dict[Any, Any]) -> str:
+        rules = self.rules
+        fmt = rules.line_format
+        envelope = rules.envelope_keys
+        if fmt is LineFormat.AUTO:
+            text = None
+            for key, value in record.items():
+                if key in envelope:
+                    continue
+                if text is not None or key not in _MESSAGE_KEY_SET:
+                    text = None
+                    break
+                text = _message_text(value)
+                if text is None:
+                    break
+            if text is not None:
+                return self._bound_text(text)
+        elif fmt is LineFormat.RAW:
+            for key in _MESSAGE_KEYS:
+                text = _message_text(record.get(key))
+                if text is not None:
+                    return self._bound_text(text)
+        payload = {k: v for k, v in record.items() if k not in envelope}
+        if fmt is LineFormat.KEY_VALUE:
+            return self._bound_text(_kv_line(payload))
+        return self._bound_utf8(_json_bytes(payload))
+
+    def _bound_text(self, text: str) -> str:
+        if text.isascii() and len(text) <= self.rules.max_line_bytes:
+            return text
+        return self._bound_utf8(clean_text(text).encode("utf-8"))
+
+    def _bound_utf8(self, data: bytes) -> str:
+        """Decode valid UTF-8 ``data``, cut and marked when it is over the line bound."""
+        limit = self.rules.max_line_bytes
+        if len(data) <= limit:
+            return data.decode("utf-8")
+        head = data[: limit - len(LINE_TRUNCATION_MARKER)]
+        return head.decode("utf-8", "ignore") + LINE_TRUNCATION_MARKER

@@ -1,0 +1,360 @@
+"""The trio glue around the sans-IO core: accept, feed bytes, spool, ack.
+
+One task per connection. Each frame is appended to the spool and its ack is written only after the
+append returned (the fsync covering it is done). When the spool is full the append waits, so the task
+stops reading from that client (TCP backpressure) and its ack is withheld; nothing is dropped.
+
+Resource handling: every connection is bounded by the protocol limits (frame and decompressed sizes)
+and closed after ``idle_timeout`` of silence; at most ``max_connections`` are served at once.
+Error handling: a peer that breaks the protocol gets one warning naming the peer, the reason and the
+byte offset, and its connection is closed; other connections are unaffected. A bug in a handler is
+logged with its traceback and closes only that connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from fluentforward.config import ServerConfig
+from fluentforward.errors import ConfigError, RemoteProtocolError, SpoolError
+from fluentforward.protocol import (
+    Ack,
+    EntriesReceived,
+    HandshakeCompleted,
+    HandshakeFailed,
+    Heartbeat,
+    ServerConnection,
+    State,
+)
+from fluentforward.spool import FrameHeader, Spool
+
+__all__ = ["RECEIVE_BYTES", "ServerState", "ServerStats", "handle_connection", "serve"]
+
+log = structlog.get_logger("fluentforward.server")
+
+# One read's worth: large enough that a 2 MB Fluent Bit flush takes ~32 reads, small enough that a
+# thousand idle connections' pending reads cost nothing.
+RECEIVE_BYTES = 64 * 1024
+# A UDP heartbeat is one byte; anything up to this is answered, larger datagrams are ignored.
+UDP_MAX_BYTES = 128
+
+_conn_ids = itertools.count(1)
+
+
+@attrs.define
+class ServerStats:
+    """Counters the server keeps (exported as metrics by the operations layer)."""
+
+    connections_total: int = 0
+    connections_open: int = 0
+    connections_refused: int = 0
+    frames: int = 0
+    frames_duplicate: int = 0
+    records: int = 0
+    signal_frames: int = 0
+    bytes: int = 0
+    acks: int = 0
+    heartbeats_tcp: int = 0
+    heartbeats_udp: int = 0
+    protocol_errors: dict[str, int] = attrs.field(factory=dict)
+    handshake_failures: int = 0
+
+
+@attrs.define
+class ServerState:
+    """What a running server shares with its handlers and tells its starter."""
+
+    config: ServerConfig
+    spool: Spool
+    stats: ServerStats = attrs.field(factory=ServerStats)
+    port: int = 0
+    http_port: int | None = None
+    listening: bool = False
+    clock: Callable[[], int] = time.time_ns
+    drain_deadline: float | None = None
+    _shields: set[trio.CancelScope] = attrs.field(factory=set)
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """Protect a frame's append and ack from shutdown cancellation, up to the drain deadline."""
+        scope = trio.CancelScope(shield=True)
+        if self.drain_deadline is not None:
+            scope.deadline = self.drain_deadline
+        self._shields.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._shields.discard(scope)
+
+    def start_draining(self, grace: float) -> None:
+        """Give every shielded append at most ``grace`` more seconds."""
+        self.drain_deadline = trio.current_time() + grace
+        for scope in self._shields:
+            scope.deadline = min(scope.deadline, self.drain_deadline)
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    sock: Any = getattr(stream, "socket", None)
+    if sock is None:
+        transport = getattr(stream, "transport_stream", None)
+        sock = getattr(transport, "socket", None)
+    if sock is None:
+        return "memory"
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "unknown"
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address) or "unix"
+
+
+def _error_reason(message: str) -> str:
+    """A bounded label for a protocol error (its message minus numbers and details)."""
+    head = message.split(":", 1)[0]
+    return "".join(ch for ch in head if not ch.isdigit()).strip()[:60] or "invalid"
+
+
+async def handle_connection(stream: trio.abc.Stream, state: ServerState, peer: str | None = None) -> None:
+    """Serve one Forward connection until EOF, error, idle timeout or shutdown."""
+    peer = peer or _peer_name(stream)
+    config = state.config
+    stats = state.stats
+    with structlog.contextvars.bound_contextvars(peer=peer, conn_id=next(_conn_ids)):
+        if stats.connections_open >= config.max_connections:
+            stats.connections_refused += 1
+            log.warning("connection_refused", reason="max_connections", limit=config.max_connections)
+            await trio.aclose_forcefully(stream)
+            return
+        stats.connections_total += 1
+        stats.connections_open += 1
+        conn = ServerConnection(
+            nonce=secrets.token_bytes(16),
+            auth_salt=secrets.token_bytes(16),
+            limits=config.limits,
+        )
+        try:
+            await _flush(stream, conn)
+            await _serve_frames(stream, conn, state, peer)
+        except RemoteProtocolError as exc:
+            reason = _error_reason(str(exc))
+            stats.protocol_errors[reason] = stats.protocol_errors.get(reason, 0) + 1
+            log.warning("protocol_error", reason=str(exc), offset=exc.offset)
+        except trio.TooSlowError:
+            log.info("connection_idle_timeout", idle_timeout=config.idle_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("connection_lost", error=str(exc) or type(exc).__name__)
+        except SpoolError as exc:
+            log.error("spool_append_failed", error=str(exc), action="closing without ack")
+        except Exception:
+            log.exception("connection_handler_bug")
+        finally:
+            stats.connections_open -= 1
+            await trio.aclose_forcefully(stream)
+
+
+async def _serve_frames(
+    stream: trio.abc.Stream, conn: ServerConnection, state: ServerState, peer: str
+) -> None:
+    config = state.config
+    stats = state.stats
+    while conn.state in (State.AWAIT_PING, State.ESTABLISHED):
+        with trio.fail_after(config.idle_timeout):
+            data = await stream.receive_some(RECEIVE_BYTES)
+        stats.bytes += len(data)
+        events = conn.receive_data(data)
+        # Shielded: once frames are complete, a shutdown lets their appends and acks finish (within
+        # the shutdown grace period, which sets this scope's deadline).
+        with state.shielded():
+            await _handle_events(events, conn, state, peer)
+            await _flush(stream, conn)
+        if not data:
+            log.debug("connection_closed_by_peer")
+
+
+async def _handle_events(events: list[Any], conn: ServerConnection, state: ServerState, peer: str) -> None:
+    stats = state.stats
+    for event in events:
+        if isinstance(event, EntriesReceived):
+            await _accept(event, conn, state, peer)
+        elif isinstance(event, Heartbeat):
+            stats.heartbeats_tcp += 1
+        elif isinstance(event, HandshakeFailed):
+            stats.handshake_failures += 1
+            log.warning("handshake_failed", reason=event.reason)
+        elif isinstance(event, HandshakeCompleted):
+            log.info("handshake_completed", client_hostname=event.client_hostname, user=event.username)
+
+
+async def _accept(event: EntriesReceived, conn: ServerConnection, state: ServerState, peer: str) -> None:
+    config = state.config
+    header = FrameHeader(
+        recv_time_ns=state.clock(),
+        signal=event.signal,
+        mode=event.mode,
+        peer=peer,
+        chunk=event.chunk,
+        tag=config.tag_prefix + event.tag,
+        source_key=config.source_address_key or "",
+        record_count=event.record_count,
+    )
+    result = await state.spool.append(header, event.raw)
+    stats = state.stats
+    if result.duplicate:
+        stats.frames_duplicate += 1
+        log.info("chunk_retry_acked", chunk=event.chunk, records=event.record_count)
+    else:
+        stats.frames += 1
+        stats.records += event.record_count
+        if event.signal:
+            stats.signal_frames += 1
+    if event.chunk is not None:
+        conn.send(Ack(chunk=event.chunk))
+        stats.acks += 1
+
+
+async def _flush(stream: trio.abc.Stream, conn: ServerConnection) -> None:
+    if data := conn.data_to_send():
+        await stream.send_all(data)
+
+
+async def _udp_heartbeats(sock: trio.socket.SocketType, state: ServerState) -> None:
+    """Answer Forward UDP heartbeats (any datagram up to UDP_MAX_BYTES) with a single 0x00 byte."""
+    while True:
+        try:
+            data, address = await sock.recvfrom(UDP_MAX_BYTES + 1)
+        except OSError as exc:  # ICMP errors surface here on Linux; keep serving
+            log.debug("udp_receive_error", error=str(exc))
+            continue
+        if len(data) > UDP_MAX_BYTES:
+            continue
+        state.stats.heartbeats_udp += 1
+        try:
+            await sock.sendto(b"\x00", address)
+        except OSError as exc:
+            log.debug("udp_reply_failed", error=str(exc))
+
+
+async def _open_udp(host: str, port: int) -> trio.socket.SocketType | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        await sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        log.warning("udp_heartbeat_unavailable", error=str(exc), port=port)
+        return None
+    return sock
+
+
+async def _open_tcp(config: ServerConfig) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(config.listen.port, host=config.listen.host or None)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--listen {config.listen}: address already in use") from exc
+        raise ConfigError(f"--listen {config.listen}: {exc.strerror or exc}") from exc
+
+
+async def serve(
+    config: ServerConfig,
+    spool: Spool,
+    *,
+    shutdown: trio.Event | None = None,
+    extra_tasks: list[Callable[[ServerState], Awaitable[None]]] | None = None,
+    task_status: trio.TaskStatus[ServerState] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the Forward protocol until ``shutdown`` is set (or forever), then drain and return.
+
+    The spool must be open; ``serve`` runs its committer. ``task_status.started`` receives the
+    ``ServerState`` (bound ports included), so tests can ``await nursery.start(serve, ...)`` on port 0.
+
+    Raises:
+        ConfigError: a listen address cannot be bound.
+    """
+    state = ServerState(config=config, spool=spool)
+    listeners = await _open_tcp(config)
+    state.port = listeners[0].socket.getsockname()[1]
+    udp = await _open_udp(config.listen.host, state.port) if config.udp_heartbeat else None
+    try:
+        await _run(state, listeners, udp, shutdown, extra_tasks or [], task_status)
+    finally:
+        state.listening = False
+        for listener in listeners:
+            listener.socket.close()
+        if udp is not None:
+            udp.close()
+    log.info("stopped", frames=state.stats.frames, records=state.stats.records, acks=state.stats.acks)
+
+
+async def _run(
+    state: ServerState,
+    listeners: list[trio.SocketListener],
+    udp: trio.socket.SocketType | None,
+    shutdown: trio.Event | None,
+    extra_tasks: list[Callable[[ServerState], Awaitable[None]]],
+    task_status: trio.TaskStatus[ServerState],
+) -> None:
+    config = state.config
+    async with trio.open_nursery() as root:
+        await root.start(state.spool.run)
+        for task in extra_tasks:
+            root.start_soon(task, state)
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as front:
+                front.start_soon(_accept_loop, listeners, handlers, state)
+                if udp is not None:
+                    front.start_soon(_udp_heartbeats, udp, state)
+                state.listening = True
+                log.info(
+                    "listening",
+                    address=str(attrs.evolve(config.listen, port=state.port)),
+                    spool=str(state.spool.directory.resolve()),
+                    udp_heartbeat=udp is not None,
+                )
+                task_status.started(state)
+                if shutdown is None:
+                    await trio.sleep_forever()
+                else:
+                    await shutdown.wait()
+                front.cancel_scope.cancel()
+            state.listening = False
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            log.info("draining", connections=state.stats.connections_open, grace_s=config.shutdown_grace)
+            state.start_draining(config.shutdown_grace)
+            # Handlers blocked in a read are cancelled at once; frames being appended are shielded.
+            handlers.cancel_scope.cancel()
+        root.cancel_scope.cancel()
+
+
+async def _accept_loop(
+    listeners: list[trio.SocketListener], handlers: trio.Nursery, state: ServerState
+) -> None:
+    async def accept_from(listener: trio.SocketListener) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # EMFILE / ENFILE / ENOBUFS: out of descriptors; back off instead of spinning.
+                log.error("accept_failed", error=str(exc))
+                await trio.sleep(0.1)
+                continue
+            handlers.start_soon(handle_connection, stream, state)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_from, listener)

@@ -1,0 +1,250 @@
+"""The spool's on-disk format (pure: encode and parse, no trio).
+
+A spool directory holds append-only segment files ``segments/<20-digit sequence>.seg``. Each segment
+starts with the 8-byte magic ``FFSPOOL1`` and then holds frames back to back::
+
+    u32 body_len | u32 crc32(body) | body
+    body = u64 recv_time_ns | u8 signal | u8 mode | u16 peer_len | u16 chunk_len | u16 tag_len
+           | u16 source_key_len | u32 record_count | peer | chunk | tag | source_key | frame bytes
+
+All integers are big-endian; strings are UTF-8 (invalid input bytes survive via surrogateescape).
+``frame bytes`` is the Forward request exactly as received. ``tag`` is the effective tag (the
+``--tag-prefix`` applied) and ``source_key`` the record key the peer address is added under at
+delivery (empty when ``--source-address-key`` is off), so a replay ships exactly what serve would.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import attrs
+
+from fluentforward.protocol._decode import Mode
+from fluentforward.protocol._events import Signal
+
+__all__ = [
+    "FRAME_PREFIX",
+    "MAX_BODY_BYTES",
+    "SEGMENT_MAGIC",
+    "FrameHeader",
+    "ScanEnd",
+    "StoredFrame",
+    "encode_frame",
+    "scan_segment",
+]
+
+SEGMENT_MAGIC = b"FFSPOOL1"
+FRAME_PREFIX = struct.Struct(">II")
+_BODY_HEAD = struct.Struct(">QBBHHHHI")
+# A stored body is one request plus small headers; anything larger than this is a corrupt length field.
+MAX_BODY_BYTES = 1 << 30
+
+_MODES = (Mode.MESSAGE, Mode.FORWARD, Mode.PACKED, Mode.COMPRESSED)
+_MODE_CODE = {mode: code for code, mode in enumerate(_MODES)}
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+@attrs.frozen(kw_only=True)
+class FrameHeader:
+    """Everything about a stored frame except its Forward bytes."""
+
+    recv_time_ns: int
+    signal: Signal
+    mode: str
+    peer: str
+    chunk: str | None
+    tag: str
+    source_key: str
+    record_count: int
+
+
+@attrs.frozen(kw_only=True)
+class StoredFrame:
+    """A frame as read back from a segment.
+
+    Attributes:
+        segment: the segment's sequence number.
+        offset: byte offset of the frame's prefix in the segment file.
+        size: bytes the frame occupies in the file (prefix included).
+        header: the metadata stored with it.
+        raw: the Forward request exactly as received.
+    """
+
+    segment: int
+    offset: int
+    size: int
+    header: FrameHeader
+    raw: bytes
+
+    @property
+    def end(self) -> int:
+        """Offset just past this frame."""
+        return self.offset + self.size
+
+
+def encode_frame(header: FrameHeader, raw: bytes) -> bytes:
+    """Serialize one frame with its length and checksum."""
+    peer = _raw(header.peer)
+    chunk = b"" if header.chunk is None else _raw(header.chunk)
+    tag = _raw(header.tag)
+    source_key = _raw(header.source_key)
+    body = b"".join(
+        (
+            _BODY_HEAD.pack(
+                header.recv_time_ns,
+                int(header.signal),
+                _MODE_CODE[header.mode],
+                len(peer),
+                len(chunk),
+                len(tag),
+                len(source_key),
+                header.record_count,
+            ),
+            peer,
+            chunk,
+            tag,
+            source_key,
+            raw,
+        )
+    )
+    return FRAME_PREFIX.pack(len(body), zlib.crc32(body)) + body
+
+
+def _parse_body(body: bytes) -> tuple[FrameHeader, bytes]:
+    recv, signal, mode, n_peer, n_chunk, n_tag, n_key, count = _BODY_HEAD.unpack_from(body)
+    pos = _BODY_HEAD.size
+    peer = body[pos : pos + n_peer]
+    pos += n_peer
+    chunk = body[pos : pos + n_chunk]
+    pos += n_chunk
+    tag = body[pos : pos + n_tag]
+    pos += n_tag
+    key = body[pos : pos + n_key]
+    pos += n_key
+    if pos > len(body) or mode >= len(_MODES) or signal > 2:
+        msg = "frame header fields are inconsistent"
+        raise ValueError(msg)
+    header = FrameHeader(
+        recv_time_ns=recv,
+        signal=Signal(signal),
+        mode=_MODES[mode],
+        peer=_text(peer),
+        chunk=_text(chunk) if n_chunk else None,
+        tag=_text(tag),
+        source_key=_text(key),
+        record_count=count,
+    )
+    return header, body[pos:]
+
+
+@attrs.define
+class ScanEnd:
+    """How a scan of a segment ended.
+
+    Attributes:
+        offset: where the last good frame ended.
+        reason: None for a clean end of file, else why the bytes at ``offset`` are not a good frame.
+        truncated: True when the bad bytes run to the end of the file (a torn write), False when a
+            complete-looking frame fails its checksum (corruption).
+    """
+
+    offset: int = 0
+    reason: str | None = None
+    truncated: bool = False
+
+
+def scan_segment(
+    stream: BinaryIO,
+    segment: int,
+    *,
+    start: int = len(SEGMENT_MAGIC),
+    end: int | None = None,
+    verify: bool = True,
+    want_raw: bool = True,
+    result: ScanEnd | None = None,
+) -> Iterator[StoredFrame]:
+    """Yield the good frames of one segment from ``start``; describe how the scan ended in ``result``.
+
+    Args:
+        stream: the segment file opened for binary reading.
+        segment: its sequence number (copied into each StoredFrame).
+        start: offset of the first frame to read.
+        end: stop at this offset (the durable end of a segment being written); None reads to EOF.
+        verify: check each frame's checksum (skip only when just counting).
+        want_raw: False reads only headers, seeking over the Forward bytes (dedup rebuild, ``ls``).
+        result: filled with the end state; the generator stops at the first bad frame.
+    """
+    state = result if result is not None else ScanEnd()
+    stream.seek(0)
+    magic = stream.read(len(SEGMENT_MAGIC))
+    if magic != SEGMENT_MAGIC:
+        state.offset = 0
+        state.truncated = len(magic) < len(SEGMENT_MAGIC) and SEGMENT_MAGIC.startswith(magic)
+        state.reason = "missing segment magic"
+        return
+    offset = start
+    stream.seek(offset)
+    while end is None or offset < end:
+        state.offset = offset
+        prefix = stream.read(FRAME_PREFIX.size)
+        if not prefix:
+            return
+        if len(prefix) < FRAME_PREFIX.size:
+            state.reason, state.truncated = "torn frame prefix", True
+            return
+        body_len, crc = FRAME_PREFIX.unpack(prefix)
+        if body_len < _BODY_HEAD.size or body_len > MAX_BODY_BYTES:
+            state.reason = f"impossible frame length {body_len}"
+            state.truncated = _at_eof(stream)
+            return
+        if not verify and not want_raw:
+            head = stream.read(min(body_len, _BODY_HEAD.size + 4 * 65535))
+            if len(head) < _BODY_HEAD.size:
+                state.reason, state.truncated = "torn frame body", True
+                return
+            stream.seek(offset + FRAME_PREFIX.size + body_len)
+            body = head
+        else:
+            body = stream.read(body_len)
+            if len(body) < body_len:
+                state.reason, state.truncated = "torn frame body", True
+                return
+            if verify and zlib.crc32(body) != crc:
+                state.reason = "checksum mismatch"
+                state.truncated = _at_eof(stream)
+                return
+        try:
+            header, raw = _parse_body(body)
+        except (ValueError, struct.error):
+            state.reason = "unreadable frame header"
+            state.truncated = _at_eof(stream)
+            return
+        size = FRAME_PREFIX.size + body_len
+        yield StoredFrame(
+            segment=segment,
+            offset=offset,
+            size=size,
+            header=header,
+            raw=raw if want_raw else b"",
+        )
+        offset += size
+    state.offset = offset
+
+
+def _at_eof(stream: BinaryIO) -> bool:
+    """True when nothing follows the bad frame (its write was torn by a crash)."""
+    here = stream.tell()
+    stream.seek(0, 2)
+    at_end = stream.tell() <= here
+    stream.seek(here)
+    return at_end

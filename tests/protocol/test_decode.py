@@ -1,0 +1,320 @@
+"""The Forward decoder: every carrier mode, every time and entry form, every bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fluentforward.errors import RemoteProtocolError
+from fluentforward.protocol import Limits, Mode, Signal, decode_frame, validate_request
+from tests.helpers import capture, captures, compressed, et, forward, message, pack, packed, packed_entries
+
+RECORD = {
+    "message": "hello from dummy",
+    "level": "info",
+    "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+    "span_id": "00f067aa0ba902b7",
+    "n": 42,
+    "f": 1.5,
+    "ok": True,
+    "nested": {"k": "v"},
+}
+
+
+def _oracle(frame: Any) -> list[tuple[int, Any, Any]]:
+    """An independent reading of a well-formed capture frame: (time_ns, metadata, record) per event."""
+
+    def time_ns(t: Any) -> int:
+        if isinstance(t, msgpack.ExtType):
+            s, n = struct.unpack(">II", t.data)
+            return s * 10**9 + n
+        return t * 10**9
+
+    tag, second, *rest = frame
+    if isinstance(second, list):
+        entries = second
+    elif isinstance(second, bytes):
+        data = gzip.decompress(second) if second[:2] == b"\x1f\x8b" else second
+        entries = _stream(data)
+    else:
+        meta = rest[1].get("metadata", {}) if len(rest) > 1 else {}
+        return [(time_ns(second), meta, rest[0])]
+    out = []
+    for head, record in entries:
+        if isinstance(head, list):
+            t, meta = head[0], head[1]
+        else:
+            t, meta = head, {}
+        if isinstance(t, msgpack.ExtType) and struct.unpack(">I", t.data[:4])[0] >= 0xFFFFFFFE:
+            continue
+        out.append((time_ns(t), meta, record))
+    return out
+
+
+def _stream(data: bytes) -> list[Any]:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(data)
+    return list(unpacker)
+
+
+def _frames(name: str) -> list[bytes]:
+    data = capture(name)
+    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False)
+    unpacker.feed(data)
+    frames, start = [], 0
+    for _ in unpacker:
+        end = unpacker.tell()
+        frames.append(data[start:end])
+        start = end
+    return frames
+
+
+@pytest.mark.parametrize("path", captures(), ids=lambda p: p.name)
+def test_every_capture_decodes_exactly(path):
+    """Each real Fluent Bit frame decodes to the records, times and metadata an independent reader sees."""
+    for raw in _frames(path.name):
+        frame = decode_frame(raw)
+        wire = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        if frame.signal is not Signal.LOGS:
+            assert "metrics" in path.name
+            assert frame.entries == []
+            continue
+        expected = _oracle(wire)
+        assert [(e.time_ns, e.metadata, e.record) for e in frame.entries] == expected
+        assert frame.tag == wire[0]
+
+
+def test_default_capture_shape():
+    """Fluent Bit's default output is Forward mode with v2 entries and the dummy record."""
+    frame = decode_frame(_frames("default.bin")[0])
+    assert frame.mode == Mode.FORWARD
+    assert frame.tag == "app.dummy"
+    assert frame.entries[0].record == RECORD
+    assert frame.entries[0].metadata == {}
+    assert frame.entries[0].time_ns > 1_795_000_000 * 10**9
+
+
+def test_metadata_capture_keeps_metadata_with_its_record():
+    """v2 entry metadata stays attached to its record."""
+    entry = decode_frame(_frames("metadata.bin")[0]).entries[0]
+    assert entry.metadata == {"otel": {"resource": {"service.name": "checkout"}}, "source": "dummy"}
+    assert entry.record == RECORD
+
+
+def test_message_mode_metadata_option():
+    """Message mode carries metadata in the options map; it lands on the entry."""
+    frame = decode_frame(_frames("message_mode.bin")[0])
+    assert frame.mode == Mode.MESSAGE
+    assert frame.tag == "svc.info"
+    assert frame.entries[0].metadata == {"source": "dummy"}
+
+
+def test_gzip_capture_is_compressed_mode():
+    """Compress gzip produces CompressedPackedForward."""
+    frame = decode_frame(_frames("gzip.bin")[0])
+    assert frame.mode == Mode.COMPRESSED
+    assert [e.record for e in frame.entries] == [RECORD] * len(frame.entries)
+
+
+def test_time_as_integer_capture():
+    """Integer-second times become whole nanoseconds."""
+    for entry in decode_frame(_frames("time_as_integer.bin")[0]).entries:
+        assert entry.time_ns % 10**9 == 0
+
+
+def test_otlp_group_markers_are_consumed_and_carried():
+    """OTLP group markers are not records; their resource rides along with the events inside."""
+    frame = decode_frame(_frames("otlp_logs.bin")[0])
+    assert [e.record for e in frame.entries] == [
+        {"log": "order placed"},
+        {"log": "payment declined"},
+        {"log": "cache miss without trace context"},
+    ]
+    first = frame.entries[0]
+    assert first.metadata["otlp"]["trace_id"] == bytes.fromhex("5b8efff798038103d269b633813fc60c")
+    assert first.metadata["otlp"]["span_id"] == bytes.fromhex("eee19b7ec3c1b174")
+    assert first.group is not None
+    assert first.group["resource"]["attributes"]["service.name"] == "checkout"
+    assert first.time_ns == 1795680245123456789
+
+
+def test_otlp_ack_counts_log_events_only():
+    """The receive path counts the 3 log events, not the 2 group markers."""
+    request = msgpack.unpackb(_frames("otlp_logs_ack.bin")[0], raw=True, strict_map_key=False)
+    info = validate_request(request, 0)
+    assert info.record_count == 3
+    assert info.chunk == "tJSBGHo1tXEGr8kJVMsipQ=="
+
+
+@pytest.mark.parametrize("name", ["metrics.bin", "metrics_gzip.bin", "metrics_fluentd_compat.bin"])
+def test_metrics_frames_are_not_decoded_as_logs(name):
+    """fluent_signal 1 frames validate without decoding their payload, and yield no log entries."""
+    raw = _frames(name)[0]
+    info = validate_request(msgpack.unpackb(raw, raw=True, strict_map_key=False), 0)
+    assert info.signal is Signal.METRICS
+    assert decode_frame(raw).entries == []
+
+
+def _roundtrip(raw: bytes) -> Any:
+    request = msgpack.unpackb(raw, raw=True, strict_map_key=False)
+    info = validate_request(request, 0)
+    return info, decode_frame(raw)
+
+
+def test_eventtime_ext8_and_fixext8_agree():
+    """EventTime as ext8 (c7 08 00) decodes like the fixext8 form."""
+    fix = forward("t", [[et(100, 5), {"a": 1}]])
+    ext8 = fix.replace(b"\xd7\x00", b"\xc7\x08\x00")
+    assert ext8 != fix
+    assert _roundtrip(fix)[1].entries == _roundtrip(ext8)[1].entries
+    assert _roundtrip(fix)[1].entries[0].time_ns == 100 * 10**9 + 5
+
+
+@pytest.mark.parametrize("as_str", [False, True])
+def test_packed_forward_entries_as_bin_or_str(as_str):
+    """PackedForward entries may arrive as bin or (Fluentd) str32 holding binary."""
+    raw = packed(
+        "t", [[et(1), {"k": "v"}], [2, {"k": b"\xff\xfe"}]], {"chunk": "c1", "size": 2}, as_str=as_str
+    )
+    info, frame = _roundtrip(raw)
+    assert info.mode == Mode.PACKED
+    assert info.record_count == 2
+    assert info.chunk == "c1"
+    assert [e.record for e in frame.entries] == [{"k": "v"}, {"k": b"\xff\xfe"}]
+
+
+def test_concatenated_gzip_members():
+    """Fluentd sends CompressedPackedForward as several concatenated gzip members."""
+    entries = [[et(i), {"i": i}] for i in range(10)]
+    info, frame = _roundtrip(compressed("t", entries, members=3))
+    assert info.mode == Mode.COMPRESSED
+    assert [e.record["i"] for e in frame.entries] == list(range(10))
+
+
+def test_zstd_compressed():
+    """compressed: zstd (Fluentd >= 1.19) is inflated."""
+    stream = packed_entries([[et(1), {"z": 1}]])
+    raw = pack(["t", zstandard.ZstdCompressor().compress(stream), {"compressed": "zstd"}])
+    info, frame = _roundtrip(raw)
+    assert info.mode == Mode.COMPRESSED
+    assert frame.entries[0].record == {"z": 1}
+
+
+def test_invalid_utf8_is_kept_losslessly():
+    """A str that is not UTF-8 neither fails nor loses bytes: it decodes with surrogateescape."""
+    raw = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape").pack(
+        ["t", [[1, {"log": "caf\udce9"}]]]
+    )
+    frame = decode_frame(raw)
+    assert frame.entries[0].record["log"].encode("utf-8", "surrogateescape") == b"caf\xe9"
+
+
+def test_bin_tag_and_keys_and_nil_options():
+    """Tags and keys may be bin; Docker sends nil options."""
+    raw = pack([b"bin.tag", 5, {b"k": "v"}, None])
+    info, frame = _roundtrip(raw)
+    assert info.tag == "bin.tag"
+    assert frame.entries[0].record == {b"k": "v"}
+
+
+def test_float_time_is_accepted():
+    """A float time (allowed by Fluent Bit's docs) becomes nanoseconds."""
+    _, frame = _roundtrip(message("t", 1.5, {"a": 1}))
+    assert frame.entries[0].time_ns == 1_500_000_000
+
+
+BAD = [
+    (pack(5), "not an array"),
+    (pack(["t"]), "1 elements"),
+    (pack(["t", 1, {}, {}, {}]), "5 elements"),
+    (pack([5, 1, {}]), "tag is an integer"),
+    (pack(["t", {}, {}]), "second element is a map"),
+    (pack(["t", 1]), "message request has 2 elements"),
+    (message("t", 1, ["not", "map"]), "record is an array"),
+    (message("t", "x", {}), "entry 0 is an integer"),
+    (forward("t", [[1, {}, 3]]), "entry 0 is an array of 3 elements"),
+    (forward("t", [[1, "rec"]]), "record is a string"),
+    (forward("t", [[-5, {}]]), "negative time"),
+    (forward("t", [[msgpack.ExtType(1, b"12345678"), {}]]), "not EventTime"),
+    (forward("t", [[[1, "meta"], {}]]), "metadata is a string"),
+    (forward("t", [[1, {}]], {"chunk": 5}), "chunk is an integer"),
+    (forward("t", [[1, {}]], {"fluent_signal": 9}), "fluent_signal is invalid"),
+    (pack(["t", [[1, {}]], 7]), "options is an integer"),
+    (pack(["t", b"\x1f\x8bnot gzip", {"compressed": "gzip"}]), "gzip payload is corrupt"),
+    (pack(["t", gzip.compress(b"\x92\x01\x80")[:-6], {"compressed": "gzip"}]), "gzip payload is truncated"),
+    (pack(["t", b"\x28\xb5\x2f\xfdxx", {"compressed": "zstd"}]), "zstd payload is truncated"),
+    (pack(["t", b"\x28\xb5\x2f\xfd" + b"\xff" * 20, {"compressed": "zstd"}]), "zstd payload is corrupt"),
+    (pack(["t", b"\x92\x01", {}]), "truncated entry"),
+    (pack(["t", b"\xc1", {}]), "not a msgpack stream"),
+    (pack(["t", b"\x92\x01\x80", {"compressed": "gzip"}]), "compressed is gzip but the payload is not"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason"), BAD, ids=[b[1] for b in BAD])
+def test_bad_requests_are_remote_protocol_errors(raw, reason):
+    """Each kind of invalid request is rejected with a precise reason and the frame's offset."""
+    with pytest.raises(RemoteProtocolError, match=reason) as info:
+        validate_request(msgpack.unpackb(raw, raw=True, strict_map_key=False), 42)
+    assert info.value.offset == 42
+
+
+def test_limits_entries_tag_and_decompressed_size():
+    """Limits on entries, tag length and inflated size are enforced."""
+    limits = Limits(max_entries_per_frame=2, max_tag_bytes=3, max_decompressed_bytes=1000)
+    three = [[1, {}]] * 3
+
+    def check(raw: bytes, reason: str) -> None:
+        with pytest.raises(RemoteProtocolError, match=reason):
+            validate_request(msgpack.unpackb(raw, raw=True, strict_map_key=False), 0, limits)
+
+    check(forward("t", three), "max_entries_per_frame")
+    check(packed("t", three), "max_entries_per_frame")
+    check(forward("long", [[1, {}]]), "max_tag_bytes")
+    bomb = pack(["t", gzip.compress(b"\x00" * 100_000), {"compressed": "gzip"}])
+    check(bomb, "beyond max_decompressed_bytes")
+    zbomb = pack(["t", zstandard.ZstdCompressor().compress(b"\x00" * 100_000), {"compressed": "zstd"}])
+    check(zbomb, "beyond max_decompressed_bytes")
+
+
+def test_unknown_options_are_ignored():
+    """Options beyond the spec (Fluent Bit add_option) are ignored."""
+    info, _ = _roundtrip(forward("t", [[1, {}]], {"tenant": "acme", "size": 1, "compressed": "text"}))
+    assert info.record_count == 1
+
+
+def test_signal_traces_spooled_not_decoded():
+    """fluent_signal 2 (traces) is accepted and counted without decoding."""
+    info, frame = _roundtrip(pack(["t", b"opaque-ctraces", {"fluent_signal": 2}]))
+    assert info.signal is Signal.TRACES
+    assert frame.entries == []
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text() | st.binary(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text() | st.binary(), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(json_like)
+def test_any_msgpack_value_validates_or_raises_protocol_error(value):
+    """validate_request on any decoded value either succeeds or raises RemoteProtocolError."""
+    with contextlib.suppress(RemoteProtocolError):
+        validate_request(msgpack.unpackb(pack(value), raw=True, strict_map_key=False), 0)
+
+
+@given(st.binary(max_size=300))
+def test_decode_frame_of_any_bytes_raises_only_protocol_error(data):
+    """decode_frame on arbitrary bytes never raises anything but RemoteProtocolError."""
+    with contextlib.suppress(RemoteProtocolError):
+        decode_frame(data)

@@ -1,0 +1,200 @@
+"""The command line: bad input exits 2 with one line; spool ls, verify and cat."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import trio
+from typer.testing import CliRunner
+
+from fluentforward.cli import app
+from fluentforward.protocol import Signal
+from fluentforward.spool import FrameHeader, Spool, SpoolSettings, segment_path
+from tests.helpers import capture, et, forward, message, pack
+
+runner = CliRunner()
+
+
+def _store(directory, frames):
+    """Write (tag, raw, chunk) frames into a spool directory."""
+
+    async def write():
+        spool = Spool.open(SpoolSettings(directory=directory))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(spool.run)
+            for tag, raw, count in frames:
+                await spool.append(
+                    FrameHeader(
+                        recv_time_ns=1_795_680_000 * 10**9,
+                        signal=Signal.LOGS,
+                        mode="forward",
+                        peer="127.0.0.1:9",
+                        chunk=None,
+                        tag=tag,
+                        source_key="",
+                        record_count=count,
+                    ),
+                    raw,
+                )
+            nursery.cancel_scope.cancel()
+        spool.close()
+
+    trio.run(write)
+
+
+@pytest.fixture
+def spool_dir(tmp_path):
+    directory = tmp_path / "spool"
+    _store(
+        directory,
+        [
+            (
+                "app.a",
+                forward(
+                    "app.a", [[et(1_795_680_000), {"trace_id": "4BF92F3577B34DA6A3CE929D0E0E4736", "n": 1}]]
+                ),
+                1,
+            ),
+            ("app.b", forward("app.b", [[et(1_795_680_100), {"n": 2}], [et(1_795_680_200), {"n": 3}]]), 2),
+            ("other", message("other", 1_795_680_300, {"n": 4}), 1),
+        ],
+    )
+    return directory
+
+
+def _cat(*args):
+    result = runner.invoke(app, ["spool", "cat", *args])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_spool_cat_prints_every_record(spool_dir):
+    """spool cat prints one JSON object per record with the documented keys."""
+    rows = _cat(str(spool_dir))
+    assert [r["record"]["n"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) >= {"tag", "time_ns", "record", "metadata", "trace_id", "span_id"}
+    assert rows[0]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert rows[1]["trace_id"] is None
+
+
+def test_spool_cat_filters(spool_dir):
+    """--tag, --since and --until select records."""
+    assert [r["record"]["n"] for r in _cat(str(spool_dir), "--tag", "app.*")] == [1, 2, 3]
+    assert [
+        r["record"]["n"] for r in _cat(str(spool_dir), "--since", "1795680100", "--until", "1795680300")
+    ] == [2, 3]
+    assert [r["record"]["n"] for r in _cat(str(spool_dir), "--since", "2026-11-26T08:03:00Z")] == [3, 4]
+
+
+def test_spool_ls(spool_dir):
+    """spool ls counts frames, records and bytes per segment."""
+    result = runner.invoke(app, ["spool", "ls", str(spool_dir), "--json"])
+    assert result.exit_code == 0
+    (row,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["frames"] == 3
+    assert row["records"] == 4
+
+
+def test_spool_verify_ok_and_corrupt(spool_dir):
+    """spool verify passes a good spool and exits 1 naming the first corrupt place."""
+    ok = runner.invoke(app, ["spool", "verify", str(spool_dir)])
+    assert ok.exit_code == 0
+    assert "3 frames" in ok.stdout
+    seg = segment_path(spool_dir, 1)
+    data = bytearray(seg.read_bytes())
+    data[-3] ^= 0x55
+    seg.write_bytes(bytes(data))
+    bad = runner.invoke(app, ["spool", "verify", str(spool_dir)])
+    assert bad.exit_code == 1
+    assert f"{seg}@" in bad.stderr
+    assert "checksum mismatch" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--listen", "nonsense"], "--listen: expected HOST:PORT"),
+        (["serve", "--spool-max-bytes", "lots"], "--spool-max-bytes: expected a size"),
+        (["serve", "--idle-timeout", "0"], "--idle-timeout: must be positive"),
+        (["serve", "--log-level", "loud"], "--log-level"),
+        (["serve", "--listen", "127.0.0.1:99999"], "out of range"),
+        (["spool", "cat", "/nonexistent/dir"], "not a spool directory"),
+        (["spool", "cat", ".", "--since", "yesterday-ish"], None),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    """Bad options and arguments give exit code 2 and a one-line message, never a traceback."""
+    result = runner.invoke(
+        app, [*args, *(["--spool-dir", str(tmp_path / "s")] if args[0] == "serve" else [])]
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    if message:
+        assert message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_option_exits_2():
+    """An unknown option is a usage error (exit 2)."""
+    result = runner.invoke(app, ["serve", "--no-such-option"])
+    assert result.exit_code == 2
+
+
+def test_spool_dir_that_is_a_file(tmp_path):
+    """A spool directory that is a file is refused with exit 2."""
+    path = tmp_path / "f"
+    path.write_text("x")
+    result = runner.invoke(app, ["serve", "--spool-dir", str(path)])
+    assert result.exit_code == 2
+    assert "not a directory" in result.stderr
+
+
+def test_port_in_use(tmp_path):
+    """A listen port already in use is exit 2 with a clear message."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        result = runner.invoke(
+            app,
+            [
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--spool-dir",
+                str(tmp_path / "s"),
+                "--http-listen",
+                "off",
+            ],
+        )
+    finally:
+        blocker.close()
+    assert result.exit_code == 2
+    assert "address already in use" in result.stderr
+
+
+def test_env_vars_configure_options(tmp_path):
+    """Every option can come from FLUENTFORWARD_<OPTION>."""
+    result = runner.invoke(
+        app,
+        ["serve", "--spool-dir", str(tmp_path / "s")],
+        env={"FLUENTFORWARD_MAX_FRAME_BYTES": "tiny"},
+    )
+    assert result.exit_code == 2
+    assert "--max-frame-bytes" in result.stderr
+
+
+def test_version():
+    """--version prints the version."""
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("fluentforward ")
+
+
+def test_capture_data_is_loadable():
+    """Test data is present in the repository (the suite runs from a plain clone)."""
+    assert capture("default.bin")
+    assert pack(1)
