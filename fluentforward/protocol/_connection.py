@@ -25,6 +25,7 @@ import msgpack
 
 from fluentforward.errors import LocalProtocolError, RemoteProtocolError
 from fluentforward.protocol import _auth
+from fluentforward.protocol._decode import decode_raw_request as _decode_raw
 from fluentforward.protocol._decode import validate_request
 from fluentforward.protocol._events import (
     Ack,
@@ -71,11 +72,12 @@ class ServerConnection:
         # HELO announces user authentication with a non-empty auth salt; without users it is empty.
         self._auth_salt = auth_salt if auth is not None and auth.user_auth else b""
         self._limits = limits
-        self._unpacker = msgpack.Unpacker(
-            raw=True, strict_map_key=False, max_buffer_size=limits.max_frame_bytes
-        )
-        self._buffer = bytearray()  # bytes fed but not yet part of a completed request
-        self._base = 0  # stream offset of self._buffer[0]
+        # The unpacker only finds where each request ends (skip() builds no objects and keeps no
+        # consumed bytes); the request's bytes are kept once, in self._chunks, then decoded whole.
+        self._unpacker = msgpack.Unpacker(max_buffer_size=limits.max_frame_bytes)
+        self._chunks: list[bytes] = []  # bytes received but not yet part of a completed request
+        self._pending = 0  # len(b"".join(self._chunks))
+        self._base = 0  # stream offset of the first pending byte
         self._outgoing = bytearray()
         # Chunk ids are echoed byte for byte: decoded with surrogateescape, packed back the same way.
         self._packer = msgpack.Packer(unicode_errors="surrogateescape")
@@ -88,7 +90,12 @@ class ServerConnection:
     @property
     def bytes_received(self) -> int:
         """Total bytes fed so far (the stream offset of the next byte)."""
-        return self._base + len(self._buffer)
+        return self._base + self._pending
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of an incomplete request held for this connection."""
+        return self._pending
 
     def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Feed bytes from the peer (``b""`` means EOF) and return the completed events.
@@ -103,45 +110,62 @@ class ServerConnection:
             raise LocalProtocolError(f"receive_data in state {self.state.value}")
         if not data:
             return self._end_of_stream()
+        chunk = bytes(data)
+        events: list[Event] = []
         try:
-            self._unpacker.feed(data)
+            self._unpacker.feed(chunk)
+            self._chunks.append(chunk)
+            self._pending += len(chunk)
+            while self.state in (State.ESTABLISHED, State.AWAIT_PING):
+                try:
+                    self._unpacker.skip()
+                except msgpack.OutOfData:
+                    break
+                end = self._unpacker.tell()
+                start = self._base
+                raw = self._take(end - start)
+                event = self._handle(_decode_raw(raw, start), raw, start)
+                if event is not None:
+                    events.append(event)
+            if self._pending > self._limits.max_frame_bytes:
+                raise RemoteProtocolError(
+                    f"request exceeds max_frame_bytes ({self._limits.max_frame_bytes})", offset=self._base
+                )
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
         except msgpack.BufferFull:
             self.state = State.ERROR
             raise RemoteProtocolError(
                 f"request exceeds max_frame_bytes ({self._limits.max_frame_bytes})", offset=self._base
             ) from None
-        self._buffer += data
-        events: list[Event] = []
-        start = self._base
-        try:
-            while self.state in (State.ESTABLISHED, State.AWAIT_PING):
-                try:
-                    request = self._unpacker.unpack()
-                except msgpack.OutOfData:
-                    break
-                except Exception as exc:  # FormatError, StackError, ValueError...: all corrupt input
-                    raise RemoteProtocolError(
-                        f"invalid msgpack ({type(exc).__name__})", offset=start
-                    ) from exc
-                end = self._unpacker.tell()
-                event = self._handle(request, start, end)
-                if event is not None:
-                    events.append(event)
-                start = end
-        except RemoteProtocolError:
+        except Exception as exc:  # FormatError, StackError, ValueError...: all corrupt input
             self.state = State.ERROR
-            raise
-        del self._buffer[: start - self._base]
-        self._base = start
+            raise RemoteProtocolError(f"invalid msgpack ({type(exc).__name__})", offset=self._base) from exc
         return events
 
-    def _handle(self, request: Any, start: int, end: int) -> Event | None:
+    def _take(self, size: int) -> bytes:
+        """Remove and return the first ``size`` pending bytes (one copy, unless it is one chunk)."""
+        chunks = self._chunks
+        if len(chunks[0]) == size:
+            raw = chunks.pop(0)
+        else:
+            joined = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            raw = joined[:size]
+            rest = joined[size:]
+            chunks.clear()
+            if rest:
+                chunks.append(rest)
+        self._pending -= size
+        self._base += size
+        return raw
+
+    def _handle(self, request: Any, raw: bytes, start: int) -> Event | None:
         if self.state is State.AWAIT_PING:
             return self._handshake(request, start)
         if request is None:  # TCP heartbeat (Fluentd, Vector ignore it too)
             return Heartbeat()
         info = validate_request(request, start, self._limits)
-        raw = bytes(self._buffer[start - self._base : end - self._base])
         return EntriesReceived(
             tag=info.tag,
             signal=info.signal,
@@ -168,11 +192,10 @@ class ServerConnection:
         return HandshakeCompleted(client_hostname=outcome.client_hostname, username=outcome.username)
 
     def _end_of_stream(self) -> list[Event]:
-        buffered = len(self._buffer)
-        if buffered:
+        if self._pending:
             self.state = State.ERROR
             raise RemoteProtocolError(
-                f"connection closed inside a request ({buffered} bytes buffered)", offset=self._base
+                f"connection closed inside a request ({self._pending} bytes buffered)", offset=self._base
             )
         self.state = State.CLOSED
         return []
