@@ -1,40 +1,58 @@
-"""The running server process: signals, the Forward server, the HTTP probes and (later) the shipper.
+"""The running server process: signals, the Forward server, HTTP probes and the Loki shipper.
 
 ``run_server`` is what ``fluentforward serve`` hands to ``trio.run``. SIGTERM and SIGINT stop accepting,
-let in-flight frames finish within the shutdown grace, fsync and return (exit 0).
+let in-flight frames finish within the shutdown grace, flush the shipper within the same grace, persist
+its cursor and return (exit 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
 from fluentforward._http import Route, serve_http
-from fluentforward.config import ServerConfig
+from fluentforward.config import DeliverySettings, ServerConfig
 from fluentforward.errors import ConfigError
 from fluentforward.server import ServerState, serve
 from fluentforward.spool import Spool
 
-__all__ = ["health_routes", "run_server"]
+if TYPE_CHECKING:
+    from fluentforward.pipeline import Shipper
+
+__all__ = ["AppState", "health_routes", "run_server"]
 
 log = structlog.get_logger("fluentforward.app")
 
 
-def health_routes(state: ServerState) -> dict[str, Route]:
+class AppState:
+    """What the probes and metrics look at: the server and, when Loki is configured, the shipper."""
+
+    def __init__(self, server: ServerState, shipper: Shipper | None = None) -> None:
+        self.server = server
+        self.shipper = shipper
+
+
+def health_routes(app: AppState) -> dict[str, Route]:
     """The probe routes: /healthz (the process is alive), /readyz (it should receive traffic)."""
 
     def healthz() -> tuple[int, str, bytes]:
         return 200, "text/plain", b"ok\n"
 
     def readyz() -> tuple[int, str, bytes]:
+        state = app.server
         problems = []
         if not state.listening:
             problems.append("not listening")
         if state.spool.is_full:
             problems.append("spool full")
+        if app.shipper is not None and app.shipper.sink.auth_failed:
+            problems.append("Loki rejects our credentials or URL")
         if problems:
             return 503, "text/plain", ("not ready: " + ", ".join(problems) + "\n").encode()
         return 200, "text/plain", b"ready\n"
@@ -42,13 +60,29 @@ def health_routes(state: ServerState) -> dict[str, Route]:
     return {"/healthz": healthz, "/readyz": readyz}
 
 
+@contextlib.asynccontextmanager
+async def _shipper(spool: Spool, delivery: DeliverySettings | None) -> AsyncIterator[Shipper | None]:
+    if delivery is None or delivery.loki is None:
+        yield None
+        return
+    from fluentforward.pipeline import Shipper, Transformer  # noqa: PLC0415
+    from fluentforward.records import Shaper  # noqa: PLC0415
+    from fluentforward.sinks.loki import LokiSink  # noqa: PLC0415
+
+    async with LokiSink(delivery.loki) as sink:
+        yield Shipper(
+            spool, sink, Transformer(Shaper(rules=delivery.shape_rules), delivery.id_rules), delivery.shipper
+        )
+
+
 async def run_server(
     config: ServerConfig,
     spool: Spool,
+    delivery: DeliverySettings | None = None,
     *,
-    task_status: trio.TaskStatus[ServerState] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[AppState] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM/SIGINT, then drain and return."""
+    """Run until SIGTERM/SIGINT, then drain: stop accepting, finish frames, flush the shipper."""
     shutdown = trio.Event()
     http_listeners: list[trio.SocketListener] = []
     if config.http_listen is not None:
@@ -58,22 +92,37 @@ async def run_server(
             )
         except OSError as exc:
             raise ConfigError(f"--http-listen {config.http_listen}: {exc.strerror or exc}") from exc
+    try:
+        async with _shipper(spool, delivery) as shipper, trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, shutdown)
+            if shipper is not None:
+                await nursery.start(shipper.run)
+            served = trio.Event()
 
-    async def http(state: ServerState) -> None:
-        if http_listeners:
-            state.http_port = http_listeners[0].socket.getsockname()[1]
-            log.info("http_listening", port=state.http_port, routes=["/healthz", "/readyz"])
-            await serve_http(http_listeners, health_routes(state))
+            async def run_serve(task_status: trio.TaskStatus[ServerState]) -> None:
+                try:
+                    await serve(config, spool, shutdown=shutdown, task_status=task_status)
+                finally:
+                    served.set()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, shutdown)
-        state: ServerState = await nursery.start(
-            functools.partial(serve, config, spool, shutdown=shutdown, extra_tasks=[http])
-        )
-        task_status.started(state)
-        await shutdown.wait()
-        # serve() returns after draining; then stop the signal watcher and the HTTP listener.
-    log.info("exit", reason="signal")
+            server: ServerState = await nursery.start(run_serve)
+            app = AppState(server, shipper)
+            if http_listeners:
+                server.http_port = http_listeners[0].socket.getsockname()[1]
+                nursery.start_soon(functools.partial(serve_http, http_listeners, health_routes(app)))
+                log.info("http_listening", port=server.http_port, routes=["/healthz", "/readyz"])
+            task_status.started(app)
+            await served.wait()
+            if shipper is not None:
+                with trio.move_on_after(config.shutdown_grace) as grace:
+                    await shipper.flush()
+                if grace.cancelled_caught:
+                    log.warning("shipper_flush_incomplete", action="the rest is delivered after restart")
+            nursery.cancel_scope.cancel()
+    finally:
+        for listener in http_listeners:
+            listener.socket.close()
+    log.info("exit")
 
 
 async def _watch_signals(shutdown: trio.Event) -> None:

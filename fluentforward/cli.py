@@ -26,6 +26,7 @@ from fluentforward.config import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_SHUTDOWN_GRACE,
+    DeliverySettings,
     ServerConfig,
     parse_listen,
 )
@@ -90,6 +91,104 @@ def _root(
     ] = False,
 ) -> None:
     """Fluent Forward receiver: durable spool, W3C trace ids, Grafana Loki."""
+
+
+# -- delivery options, shared by serve and replay ----------------------------------------------------
+
+LokiUrlOpt = Annotated[
+    str, typer.Option(envvar=_env("loki-url"), help="Loki base or push URL; empty runs spool-only.")
+]
+LokiFormatOpt = Annotated[str, typer.Option(envvar=_env("loki-format"), help="protobuf or json.")]
+LokiTenantOpt = Annotated[str, typer.Option(envvar=_env("loki-tenant"), help="X-Scope-OrgID.")]
+LokiTenantKeyOpt = Annotated[
+    str, typer.Option(envvar=_env("loki-tenant-key"), help="Per-record tenant template.")
+]
+LokiUsernameOpt = Annotated[str, typer.Option(envvar=_env("loki-username"), help="Basic auth user.")]
+LokiPasswordFileOpt = Annotated[
+    Path | None,
+    typer.Option(envvar=_env("loki-password-file"), help="File holding the basic auth password."),
+]
+LokiBearerTokenFileOpt = Annotated[
+    Path | None, typer.Option(envvar=_env("loki-bearer-token-file"), help="File holding a bearer token.")
+]
+LokiHeaderOpt = Annotated[
+    list[str] | None,
+    typer.Option(envvar=_env("loki-header"), help="Extra header 'Name: value' (repeatable)."),
+]
+LokiCaFileOpt = Annotated[
+    Path | None, typer.Option(envvar=_env("loki-ca-file"), help="CA bundle for Loki's certificate.")
+]
+LokiCertFileOpt = Annotated[
+    Path | None, typer.Option(envvar=_env("loki-cert-file"), help="Client certificate for mTLS.")
+]
+LokiKeyFileOpt = Annotated[
+    Path | None, typer.Option(envvar=_env("loki-key-file"), help="Client key for mTLS.")
+]
+LokiTimeoutOpt = Annotated[str, typer.Option(envvar=_env("loki-timeout"), help="Per-request timeout.")]
+LokiBatchBytesOpt = Annotated[
+    str, typer.Option(envvar=_env("loki-batch-bytes"), help="Most line+metadata bytes per push.")
+]
+LokiBatchWaitOpt = Annotated[
+    str, typer.Option(envvar=_env("loki-batch-wait"), help="Longest wait to fill a batch.")
+]
+LokiConcurrencyOpt = Annotated[
+    int, typer.Option(envvar=_env("loki-concurrency"), help="Push requests in flight.")
+]
+SpoolRetentionOpt = Annotated[
+    str, typer.Option(envvar=_env("spool-retention"), help="Keep delivered segments this long (replay).")
+]
+SpoolRetentionBytesOpt = Annotated[
+    str,
+    typer.Option(envvar=_env("spool-retention-bytes"), help="Keep at most this many delivered bytes."),
+]
+ClusterOpt = Annotated[str, typer.Option(envvar=_env("cluster"), help="Value of the cluster label.")]
+LabelOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        envvar=_env("label"), help="Label NAME=TEMPLATE (repeatable; empty TEMPLATE drops a default)."
+    ),
+]
+StructuredMetadataOpt = Annotated[
+    list[str] | None,
+    typer.Option(envvar=_env("structured-metadata"), help="Structured metadata NAME=TEMPLATE (repeatable)."),
+]
+LineFormatOpt = Annotated[str, typer.Option(envvar=_env("line-format"), help="auto, raw, json or key_value.")]
+TraceFieldsOpt = Annotated[
+    str, typer.Option(envvar=_env("trace-fields"), help="Extra trace-id field names, comma separated.")
+]
+SpanFieldsOpt = Annotated[
+    str, typer.Option(envvar=_env("span-fields"), help="Extra span-id field names, comma separated.")
+]
+ScanTextOpt = Annotated[
+    bool, typer.Option(envvar=_env("scan-text"), help="Look for ids in plain-text and JSON log lines.")
+]
+
+DELIVERY_OPTIONS = (
+    "loki_url",
+    "loki_format",
+    "loki_tenant",
+    "loki_tenant_key",
+    "loki_username",
+    "loki_password_file",
+    "loki_bearer_token_file",
+    "loki_header",
+    "loki_ca_file",
+    "loki_cert_file",
+    "loki_key_file",
+    "loki_timeout",
+    "loki_batch_bytes",
+    "loki_batch_wait",
+    "loki_concurrency",
+    "spool_retention",
+    "spool_retention_bytes",
+    "cluster",
+    "label",
+    "structured_metadata",
+    "line_format",
+    "trace_fields",
+    "span_fields",
+    "scan_text",
+)
 
 
 # -- serve ------------------------------------------------------------------------------------------
@@ -167,6 +266,30 @@ def serve(
     shutdown_grace: Annotated[
         str, typer.Option(envvar=_env("shutdown-grace"), help="Time in-flight frames get after SIGTERM.")
     ] = f"{DEFAULT_SHUTDOWN_GRACE:g}s",
+    loki_url: LokiUrlOpt = "",
+    loki_format: LokiFormatOpt = "protobuf",
+    loki_tenant: LokiTenantOpt = "",
+    loki_tenant_key: LokiTenantKeyOpt = "",
+    loki_username: LokiUsernameOpt = "",
+    loki_password_file: LokiPasswordFileOpt = None,
+    loki_bearer_token_file: LokiBearerTokenFileOpt = None,
+    loki_header: LokiHeaderOpt = None,
+    loki_ca_file: LokiCaFileOpt = None,
+    loki_cert_file: LokiCertFileOpt = None,
+    loki_key_file: LokiKeyFileOpt = None,
+    loki_timeout: LokiTimeoutOpt = "10s",
+    loki_batch_bytes: LokiBatchBytesOpt = "1MiB",
+    loki_batch_wait: LokiBatchWaitOpt = "1s",
+    loki_concurrency: LokiConcurrencyOpt = 2,
+    spool_retention: SpoolRetentionOpt = "24h",
+    spool_retention_bytes: SpoolRetentionBytesOpt = "1GiB",
+    cluster: ClusterOpt = "",
+    label: LabelOpt = None,
+    structured_metadata: StructuredMetadataOpt = None,
+    line_format: LineFormatOpt = "auto",
+    trace_fields: TraceFieldsOpt = "",
+    span_fields: SpanFieldsOpt = "",
+    scan_text: ScanTextOpt = True,
     log_level: Annotated[
         str, typer.Option(envvar=_env("log-level"), help="debug, info, warning or error.")
     ] = "info",
@@ -174,7 +297,7 @@ def serve(
         str, typer.Option(envvar=_env("log-format"), help="auto (JSON unless a terminal), json or console.")
     ] = "auto",
 ) -> None:
-    """Receive Forward traffic, spool it durably and ack it."""
+    """Receive Forward traffic, spool it durably and ack it (and ship it to Loki with --loki-url)."""
     try:
         _configure_logs(log_level, log_format)
         _check_spool_dir(spool_dir)
@@ -212,18 +335,149 @@ def serve(
             udp_heartbeat=udp_heartbeat,
             shutdown_grace=parse_duration(shutdown_grace, option="--shutdown-grace"),
         )
+        delivery = _delivery_settings(
+            loki_url=loki_url,
+            loki_format=loki_format,
+            loki_tenant=loki_tenant,
+            loki_tenant_key=loki_tenant_key,
+            loki_username=loki_username,
+            loki_password_file=loki_password_file,
+            loki_bearer_token_file=loki_bearer_token_file,
+            loki_header=loki_header or [],
+            loki_ca_file=loki_ca_file,
+            loki_cert_file=loki_cert_file,
+            loki_key_file=loki_key_file,
+            loki_timeout=loki_timeout,
+            loki_batch_bytes=loki_batch_bytes,
+            loki_batch_wait=loki_batch_wait,
+            loki_concurrency=loki_concurrency,
+            spool_retention=spool_retention,
+            spool_retention_bytes=spool_retention_bytes,
+            cluster=cluster,
+            label=label or [],
+            structured_metadata=structured_metadata or [],
+            line_format=line_format,
+            trace_fields=trace_fields,
+            span_fields=span_fields,
+            scan_text=scan_text,
+        )
         spool = Spool.open(config.spool)
     except FluentForwardError as exc:
         fail(str(exc))
     typer.echo(f"fluentforward {__version__}: spool at {spool_dir.resolve()}", err=True)
+    if delivery.loki is None:
+        typer.echo("fluentforward: no --loki-url: running as a spool-only receiver", err=True)
     from fluentforward.app import run_server  # noqa: PLC0415 - keeps `spool ls` startup light
 
     try:
-        trio.run(run_server, config, spool)
+        trio.run(run_server, config, spool, delivery)
     except* ConfigError as group:
         fail(str(group.exceptions[0]))
     finally:
         spool.close()
+
+
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        name, sep, template = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"{option}: expected NAME=TEMPLATE, got {item!r}")
+        pairs[name.strip()] = template.strip()
+    return pairs
+
+
+def _read_secret(path: Path | None, option: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: {exc.strerror or exc}") from exc
+
+
+def _delivery_settings(
+    *,
+    loki_url: str,
+    loki_format: str,
+    loki_tenant: str,
+    loki_tenant_key: str,
+    loki_username: str,
+    loki_password_file: Path | None,
+    loki_bearer_token_file: Path | None,
+    loki_header: list[str],
+    loki_ca_file: Path | None,
+    loki_cert_file: Path | None,
+    loki_key_file: Path | None,
+    loki_timeout: str,
+    loki_batch_bytes: str,
+    loki_batch_wait: str,
+    loki_concurrency: int,
+    spool_retention: str,
+    spool_retention_bytes: str,
+    cluster: str,
+    label: list[str],
+    structured_metadata: list[str],
+    line_format: str,
+    trace_fields: str,
+    span_fields: str,
+    scan_text: bool,
+) -> DeliverySettings:
+    """Validate the Loki, shaping and trace-id options (also used by ``replay``)."""
+    from fluentforward.ids import IdRules  # noqa: PLC0415
+    from fluentforward.pipeline import ShipperSettings  # noqa: PLC0415
+    from fluentforward.records import build_rules  # noqa: PLC0415
+    from fluentforward.sinks.loki import LokiSettings  # noqa: PLC0415
+
+    headers = []
+    for item in loki_header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"--loki-header: expected 'Name: value', got {item!r}")
+        headers.append((name.strip(), value.strip()))
+    batch_bytes = _positive(parse_size(loki_batch_bytes, option="--loki-batch-bytes"), "--loki-batch-bytes")
+    batch_wait = parse_duration(loki_batch_wait, option="--loki-batch-wait")
+    loki = None
+    if loki_url:
+        loki = LokiSettings(
+            url=loki_url,
+            format=loki_format,  # type: ignore[arg-type]  # validated by LokiSettings
+            tenant=loki_tenant or None,
+            username=loki_username or None,
+            password=_read_secret(loki_password_file, "--loki-password-file"),
+            bearer_token_file=loki_bearer_token_file,
+            headers=tuple(headers),
+            ca_file=loki_ca_file,
+            cert_file=loki_cert_file,
+            key_file=loki_key_file,
+            timeout_s=_positive_f(parse_duration(loki_timeout, option="--loki-timeout"), "--loki-timeout"),
+            max_batch_bytes=batch_bytes,
+            batch_wait_s=batch_wait,
+            concurrency=_positive(loki_concurrency, "--loki-concurrency"),
+        )
+    id_rules = IdRules.from_names(
+        trace_fields=[name.strip() for name in trace_fields.split(",") if name.strip()],
+        span_fields=[name.strip() for name in span_fields.split(",") if name.strip()],
+        scan_text=scan_text,
+    )
+    shape_rules = build_rules(
+        line_format=line_format,
+        labels=_pairs(label, "--label"),
+        structured_metadata=_pairs(structured_metadata, "--structured-metadata"),
+        cluster=cluster,
+        tenant=loki_tenant_key or None,
+    )
+    return DeliverySettings(
+        loki=loki,
+        shape_rules=shape_rules,
+        id_rules=id_rules,
+        shipper=ShipperSettings(
+            batch_bytes=batch_bytes,
+            batch_wait_s=batch_wait,
+            retention_s=parse_duration(spool_retention, option="--spool-retention"),
+            retention_bytes=parse_size(spool_retention_bytes, option="--spool-retention-bytes"),
+        ),
+    )
 
 
 def _positive(value: int, option: str) -> int:
@@ -338,6 +592,149 @@ def send(
         if stream is not sys.stdin:
             stream.close()
     typer.echo(f"sent {records} records in {frames} frames" + (" (all acked)" if ack else ""), err=True)
+
+
+# -- replay ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def replay(
+    spool_dir: Annotated[Path, typer.Argument(envvar=_env("spool-dir"), help="The spool directory.")],
+    to: Annotated[
+        str,
+        typer.Option(envvar=_env("replay-to"), help="forward://HOST:PORT to replay to a Forward receiver."),
+    ] = "",
+    since: Annotated[
+        str | None,
+        typer.Option(envvar=_env("since"), help="Only events at or after: RFC 3339, Unix s, or 15m ago."),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(envvar=_env("until"), help="Only events before this time.")
+    ] = None,
+    tag: Annotated[str | None, typer.Option(envvar=_env("tag"), help="Only tags matching this glob.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option(envvar=_env("dry-run"), help="Count what would be sent; send nothing.")
+    ] = False,
+    loki_url: LokiUrlOpt = "",
+    loki_format: LokiFormatOpt = "protobuf",
+    loki_tenant: LokiTenantOpt = "",
+    loki_tenant_key: LokiTenantKeyOpt = "",
+    loki_username: LokiUsernameOpt = "",
+    loki_password_file: LokiPasswordFileOpt = None,
+    loki_bearer_token_file: LokiBearerTokenFileOpt = None,
+    loki_header: LokiHeaderOpt = None,
+    loki_ca_file: LokiCaFileOpt = None,
+    loki_cert_file: LokiCertFileOpt = None,
+    loki_key_file: LokiKeyFileOpt = None,
+    loki_timeout: LokiTimeoutOpt = "10s",
+    loki_batch_bytes: LokiBatchBytesOpt = "1MiB",
+    loki_batch_wait: LokiBatchWaitOpt = "1s",
+    loki_concurrency: LokiConcurrencyOpt = 2,
+    cluster: ClusterOpt = "",
+    label: LabelOpt = None,
+    structured_metadata: StructuredMetadataOpt = None,
+    line_format: LineFormatOpt = "auto",
+    trace_fields: TraceFieldsOpt = "",
+    span_fields: SpanFieldsOpt = "",
+    scan_text: ScanTextOpt = True,
+) -> None:
+    """Re-send spooled records (a time range, some tags) to Loki or to a Forward receiver."""
+    from fluentforward.pipeline import Transformer  # noqa: PLC0415
+    from fluentforward.reader import RecordFilter  # noqa: PLC0415
+    from fluentforward.records import Shaper  # noqa: PLC0415
+    from fluentforward.replay import Progress, replay_to_forward, replay_to_loki, spool_bytes  # noqa: PLC0415
+    from fluentforward.sinks.loki import LokiSink  # noqa: PLC0415
+
+    directory = _existing_spool(spool_dir)
+    now = time.time_ns()
+    try:
+        configure_logging(json=None, level="warning")
+        if bool(to) == bool(loki_url) and not dry_run:
+            raise ConfigError("give exactly one target: --loki-url URL or --to forward://HOST:PORT")
+        forward_target = None
+        if to:
+            if not to.startswith("forward://"):
+                raise ConfigError(f"--to: expected forward://HOST:PORT, got {to!r}")
+            forward_target = parse_listen(to.removeprefix("forward://"), option="--to")
+        record_filter = RecordFilter(
+            since_ns=None if since is None else parse_time_ns(since, option="--since", now_ns=now),
+            until_ns=None if until is None else parse_time_ns(until, option="--until", now_ns=now),
+            tag_glob=tag,
+        )
+        delivery = _delivery_settings(
+            loki_url=loki_url,
+            loki_format=loki_format,
+            loki_tenant=loki_tenant,
+            loki_tenant_key=loki_tenant_key,
+            loki_username=loki_username,
+            loki_password_file=loki_password_file,
+            loki_bearer_token_file=loki_bearer_token_file,
+            loki_header=loki_header or [],
+            loki_ca_file=loki_ca_file,
+            loki_cert_file=loki_cert_file,
+            loki_key_file=loki_key_file,
+            loki_timeout=loki_timeout,
+            loki_batch_bytes=loki_batch_bytes,
+            loki_batch_wait=loki_batch_wait,
+            loki_concurrency=loki_concurrency,
+            spool_retention="0",
+            spool_retention_bytes="0",
+            cluster=cluster,
+            label=label or [],
+            structured_metadata=structured_metadata or [],
+            line_format=line_format,
+            trace_fields=trace_fields,
+            span_fields=span_fields,
+            scan_text=scan_text,
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+    progress = Progress(spool_bytes(directory))
+    transformer = Transformer(Shaper(rules=delivery.shape_rules), delivery.id_rules)
+
+    async def run() -> Any:
+        if forward_target is not None:
+            return await replay_to_forward(
+                directory,
+                record_filter,
+                forward_target.host,
+                forward_target.port,
+                dry_run=dry_run,
+                progress=progress,
+            )
+        if dry_run or delivery.loki is None:
+            return await replay_to_loki(
+                directory,
+                record_filter,
+                None,
+                transformer,
+                batch_bytes=delivery.shipper.batch_bytes,
+                progress=progress,
+            )
+        async with LokiSink(delivery.loki) as sink:
+            return await replay_to_loki(
+                directory,
+                record_filter,
+                sink,
+                transformer,
+                batch_bytes=delivery.shipper.batch_bytes,
+                progress=progress,
+            )
+
+    try:
+        result = trio.run(run)
+    except* FluentForwardError as group:
+        fail(str(group.exceptions[0]))
+    verb = "would send" if dry_run else "sent"
+    summary = (
+        f"replay: {verb} {result.records} records from {result.frames} frames "
+        f"({result.bytes_read} bytes); delivered {result.delivered}, rejected {result.rejected}"
+    )
+    if result.bad_frames:
+        summary += f", undecodable frames {result.bad_frames}"
+    typer.echo(summary, err=True)
+    if result.rejected or result.bad_frames:
+        raise typer.Exit(1)
 
 
 # -- spool ls / verify / cat -------------------------------------------------------------------------

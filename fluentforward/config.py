@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -15,12 +16,19 @@ from fluentforward.errors import ConfigError
 from fluentforward.protocol._limits import DEFAULT_LIMITS, Limits
 from fluentforward.spool import SpoolSettings
 
+if TYPE_CHECKING:  # delivery types stay out of the import path of `spool` and `send`
+    from fluentforward.ids import IdRules
+    from fluentforward.pipeline import ShipperSettings
+    from fluentforward.records import ShapeRules
+    from fluentforward.sinks.loki import LokiSettings
+
 __all__ = [
     "DEFAULT_HTTP_LISTEN",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_SHUTDOWN_GRACE",
+    "DeliverySettings",
     "ListenAddress",
     "ServerConfig",
     "parse_listen",
@@ -98,3 +106,13 @@ class ServerConfig:
     source_address_key: str | None = None
     udp_heartbeat: bool = True
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+
+
+@attrs.frozen(kw_only=True)
+class DeliverySettings:
+    """How records leave the spool: Loki (None = spool-only), shaping, trace-id rules, pacing."""
+
+    loki: LokiSettings | None
+    shape_rules: ShapeRules
+    id_rules: IdRules
+    shipper: ShipperSettings

@@ -678,8 +678,16 @@ def _resolve(
         found.sort(key=_by_priority)
     for _, rule, value in found:
         kind = rule.kind
+        pair: _Pair | None = None
         if kind == _K_TRACE:
-            pair = _trace_any(value)
+            if type(value) is str and len(value) == 32:  # hot path: _trace_any's first case, inlined
+                try:
+                    if len(_fromhex(value)) == 16 and (trace := value.lower()) != _ZERO_TRACE:
+                        pair = trace, None
+                except ValueError:
+                    pass
+            if pair is None:
+                pair = _trace_any(value)
         elif kind >= _K_SPAN:
             return None  # sorted: only span and tid fields follow
         elif kind == _K_DD_TRACE:
@@ -691,7 +699,13 @@ def _resolve(
             trace, span = pair
             if span is None:
                 first, second = _SPAN_ORDER[rule.datadog]
-                span = _span_of(found, first) or _span_of(found, second)
+                for _, other, raw in found:  # hot path: _span_of(found, first), inlined
+                    if other.kind == first:
+                        span = normalize_span_id(raw) if first == _K_SPAN else _dd_span(raw)
+                        if span is not None:
+                            break
+                else:
+                    span = _span_of(found, second)
                 if span is None and fallback:
                     span = _span_of(fallback, first) or _span_of(fallback, second)
             if source is None:

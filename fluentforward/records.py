@@ -71,7 +71,7 @@ import enum
 import functools
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -320,148 +320,26 @@ def _clean_tenant(text: str) -> str:
 
 
 # --- templates --------------------------------------------------------------------------------
+# A template is parsed into a small tree: alternatives of parts, each part a literal ``str``, an
+# _Accessor or a _Group. The tree is compared (reuse) and inspected (trace-id policy); evaluation
+# goes through code generated from it (see _Emitter).
 
-
-# Templates are parsed into a small tree (_Accessor, _Group, literal str parts; compared for reuse,
-# inspected for the trace-id policy) and then compiled into closures: one call per accessor.
+_Step = tuple[str | int, bytes | None]
 _Alternatives = tuple[tuple[Any, ...], ...]
-_Compiled = Callable[[Sequence[Any]], str]
+# Limits nesting in the generated code (Python's parser caps indentation at 100 levels).
+MAX_TEMPLATE_DEPTH = 8
 
 
 @attrs.frozen(kw_only=True)
 class _Accessor:
     root: int
     # Each step is (key, bytes spelling of a str key or None); int keys index arrays.
-    steps: tuple[tuple[str | int, bytes | None], ...]
-
-    def string_keys(self) -> Iterator[str]:
-        yield from (key for key, _ in self.steps if isinstance(key, str))
+    steps: tuple[_Step, ...]
 
 
 @attrs.frozen(kw_only=True)
 class _Group:
     alternatives: _Alternatives
-
-
-def _step(value: Any, key: str | int, alt: bytes | None) -> Any:
-    """One accessor step on anything but a plain dict (the fast path inlined in the closure)."""
-    if isinstance(value, dict):
-        found = value.get(key)
-        return value.get(alt) if found is None and alt is not None else found
-    if isinstance(value, (list, tuple)) and type(key) is int:
-        return value[key] if key < len(value) else None
-    return None
-
-
-_Step = tuple[str | int, bytes | None]
-
-
-def _compile_accessor(root: int, prefix: tuple[_Step, ...], finals: tuple[_Step, ...]) -> _Compiled:
-    """Text of ``root/prefix/final`` for the first final step that yields non-empty text.
-
-    Several finals come from consecutive alternatives that differ only in their last key (the
-    default ``app`` reads four keys of ``kubernetes.labels``): the prefix is walked once.
-    """
-    if not finals:
-
-        def get_root(roots: Sequence[Any]) -> str:
-            value = roots[root]
-            return value if type(value) is str else _value_text(value)
-
-        return get_root
-
-    def get_path(roots: Sequence[Any]) -> str:
-        value = roots[root]
-        for key, alt in prefix:
-            if type(value) is dict:
-                found = value.get(key)
-                value = value.get(alt) if found is None and alt is not None else found
-            elif value is None:
-                return ""
-            else:
-                value = _step(value, key, alt)
-        if type(value) is dict:
-            for key, alt in finals:
-                found = value.get(key)
-                if found is None and alt is not None:
-                    found = value.get(alt)
-                text = found if type(found) is str else _value_text(found)
-                if text:
-                    return text
-        elif value is not None:
-            for key, alt in finals:
-                text = _value_text(_step(value, key, alt))
-                if text:
-                    return text
-        return ""
-
-    return get_path
-
-
-def _concat(parts: tuple[str | _Compiled, ...], roots: Sequence[Any]) -> str:
-    pieces = []
-    for part in parts:
-        if type(part) is str:
-            pieces.append(part)
-            continue
-        text = part(roots)  # type: ignore[operator]
-        if not text:
-            return ""
-        pieces.append(text)
-    return "".join(pieces)
-
-
-def _compile_parts(parts: tuple[Any, ...]) -> _Compiled:
-    compiled = tuple(
-        part
-        if isinstance(part, str)
-        else _compile(part.alternatives)
-        if isinstance(part, _Group)
-        else _compile_accessor(part.root, part.steps[:-1], part.steps[-1:])
-        for part in parts
-    )
-    if len(compiled) > 1:
-        return functools.partial(_concat, compiled)
-    if isinstance(compiled[0], str):
-        return functools.partial(_constant, compiled[0])
-    return compiled[0]
-
-
-def _compile(alternatives: _Alternatives) -> _Compiled:
-    """One closure for an alternation; it returns ``""`` when every alternative is empty."""
-    choices: list[_Compiled] = []
-    run: list[_Accessor] = []  # consecutive lone accessors differing only in their last key
-    for parts in (*alternatives, ()):
-        lone = parts[0] if len(parts) == 1 and isinstance(parts[0], _Accessor) else None
-        if lone is not None and not lone.steps:
-            lone = None
-        if lone is not None and (not run or (lone.root, lone.steps[:-1]) == (run[0].root, run[0].steps[:-1])):
-            run.append(lone)
-            continue
-        if run:
-            finals = tuple(acc.steps[-1] for acc in run)
-            choices.append(_compile_accessor(run[0].root, run[0].steps[:-1], finals))
-            run = []
-        if lone is not None:
-            run.append(lone)
-        elif parts:
-            choices.append(_compile_parts(parts))
-    if len(choices) == 1:
-        return choices[0]
-    options = tuple(choices)
-
-    def first(roots: Sequence[Any]) -> str:
-        for option in options:
-            text = option(roots)
-            if text:
-                return text
-        return ""
-
-    return first
-
-
-def _constant(text: str, _roots: Sequence[Any]) -> str:
-    return text
 
 
 class _Parser:
@@ -470,6 +348,7 @@ class _Parser:
     def __init__(self, source: str) -> None:
         self.source = source
         self.pos = 0
+        self.depth = 0
 
     def error(self, message: str, pos: int | None = None) -> ConfigError:
         column = (self.pos if pos is None else pos) + 1
@@ -491,19 +370,12 @@ class _Parser:
     def sequence(self) -> tuple[Any, ...]:
         start = self.pos
         parts: list[Any] = []
-        while self.pos < len(self.source):
+        while self.pos < len(self.source) and self.source[self.pos] not in "|)":
             char = self.source[self.pos]
-            if char in "|)":
-                break
             if char == "$":
                 parts.append(self.accessor())
             elif char == "(":
-                self.pos += 1
-                alternatives = self.alternatives()
-                if self.pos >= len(self.source):
-                    raise self.error("'(' is never closed", start)
-                self.pos += 1
-                parts.append(_Group(alternatives=alternatives))
+                parts.append(self.group())
             else:
                 parts.append(self.literal())
         if parts and isinstance(parts[0], str):
@@ -514,6 +386,19 @@ class _Parser:
         if not parts:
             raise self.error("empty alternative", start)
         return tuple(parts)
+
+    def group(self) -> _Group:
+        start = self.pos
+        self.depth += 1
+        if self.depth > MAX_TEMPLATE_DEPTH:
+            raise self.error(f"groups nested more than {MAX_TEMPLATE_DEPTH} deep")
+        self.pos += 1
+        alternatives = self.alternatives()
+        if self.pos >= len(self.source):
+            raise self.error("'(' is never closed", start)
+        self.pos += 1
+        self.depth -= 1
+        return _Group(alternatives=alternatives)
 
     def literal(self) -> str:
         chars = []
@@ -536,7 +421,7 @@ class _Parser:
         self.pos = match.end()
         name = match.group()
         root = _ROOTS.get(name)
-        steps: list[tuple[str | int, bytes | None]] = []
+        steps: list[_Step] = []
         if root is None:
             root = _RECORD
             steps.append((name, name.encode("utf-8")))
@@ -546,7 +431,7 @@ class _Parser:
             raise self.error(f"${name} is a string and takes no keys", start)
         return _Accessor(root=root, steps=tuple(steps))
 
-    def subscript(self) -> tuple[str | int, bytes | None]:
+    def subscript(self) -> _Step:
         open_pos = self.pos
         self.pos += 1
         source = self.source
@@ -564,7 +449,7 @@ class _Parser:
                 raise self.error(f"unterminated {quote} in key", open_pos)
             self.pos += 1
             text = "".join(chars)
-            key: tuple[str | int, bytes | None] = (text, text.encode("utf-8", "surrogatepass"))
+            key: _Step = (text, text.encode("utf-8", "surrogatepass"))
         else:
             digits = _DIGITS.match(source, self.pos)
             if digits is None:
@@ -583,12 +468,6 @@ class Template:
 
     source: str
     _alternatives: _Alternatives
-    _compiled: _Compiled = attrs.field(
-        init=False,
-        eq=False,
-        repr=False,
-        default=attrs.Factory(lambda t: _compile(t._alternatives), takes_self=True),
-    )
 
     @classmethod
     def parse(cls, source: str) -> Template:
@@ -613,7 +492,8 @@ class Template:
 
     def render(self, tag: str, entry: Entry, trace: TraceContext | None = None) -> str:
         """Evaluate against one entry; ``""`` when nothing resolves. The result is valid Unicode."""
-        return clean_text(self._compiled(_roots(tag, entry, trace)))
+        _, _, text = _render_function(self._alternatives)(*_roots(tag, entry, trace))
+        return clean_text(text or "")
 
     def _accessors(self) -> Iterator[_Accessor]:
         """Every accessor, groups included (used to check the trace-id policy)."""
@@ -627,23 +507,35 @@ class Template:
                         stack.append(part.alternatives)
 
 
-def _roots(tag: str, entry: Entry, trace: TraceContext | None) -> list[Any]:
-    """The values accessors start from, indexed by ``_RECORD``...; plan results are appended."""
+def _roots(tag: str, entry: Entry, trace: TraceContext | None) -> tuple[Any, ...]:
+    """The arguments of a generated function: the values accessors start from, by root index."""
     group = entry.group
-    resource = None
-    if group is not None:
-        resource = group.get("resource")
-        resource = resource.get("attributes") if isinstance(resource, dict) else None
+    resource = group.get("resource") if isinstance(group, dict) else None
+    resource = resource.get("attributes") if isinstance(resource, dict) else None
     if trace is None:
-        return [entry.record, entry.metadata, resource, group, tag, None, None]
-    return [entry.record, entry.metadata, resource, group, tag, trace.trace_id, trace.span_id]
+        return (entry.record, entry.metadata, resource, group, tag, None, None)
+    return (entry.record, entry.metadata, resource, group, tag, trace.trace_id, trace.span_id)
 
 
-# --- evaluation plan --------------------------------------------------------------------------
-# Every template of a rule set is evaluated once per entry, in plan order, and its raw result is
-# appended to the roots list, so it can be reused: a template identical to another one, or a group
-# identical to an earlier template (the default ``job`` is ``(<namespace>)/(<app>)``), becomes a
-# zero-step accessor of that result. Ordering by size guarantees a group's twin comes first.
+# --- code generation --------------------------------------------------------------------------
+
+# (labels, structured metadata, raw extra value) for one entry; see _compile.
+_Fields = Callable[..., tuple[list[tuple[str, str]], list[tuple[str, str]], str | None]]
+_UNSET = object()
+
+
+def _step(value: Any, key: str | int, alt: bytes | None) -> Any:
+    """One accessor step on anything but a plain dict or None (those are inlined)."""
+    if isinstance(value, dict):
+        found = value.get(key)
+        return value.get(alt) if found is None and alt is not None else found
+    if isinstance(value, (list, tuple)) and type(key) is int:
+        return value[key] if key < len(value) else None
+    return None
+
+
+def _label_value(text: str) -> str:
+    return _cut_utf8(clean_text(text), MAX_LABEL_VALUE_BYTES)
 
 
 def _size(alternatives: _Alternatives) -> int:
@@ -654,46 +546,165 @@ def _size(alternatives: _Alternatives) -> int:
     )
 
 
-def _reuse(alternatives: _Alternatives, known: Mapping[Any, int]) -> _Alternatives:
-    rewritten = []
-    for parts in alternatives:
-        new_parts = []
+class _Emitter:
+    """Writes the source of one function that evaluates every template of a rule set.
+
+    Why generated code: a rule set is about ten templates of a few lookups each; evaluated through
+    objects or closures, Python call overhead was most of the cost of shaping a record. The function
+    takes the roots as ``r0``..``r6`` (indices of ``_ROOTS``). Each distinct path prefix is looked
+    up at most once per call and kept in a local (``p<n>``; ``_UNSET`` until looked up when that
+    happens in a branch); each distinct
+    template is evaluated once, smallest first, into ``v<n>``, so a group equal to a whole template
+    (the default ``job`` is ``(<namespace>)/(<app>)``) reuses its value. Only sanitized names and
+    ``repr()`` of str/bytes/int keys reach the source, so settings cannot inject code.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.paths: dict[tuple[int, tuple[_Step, ...]], str] = {}
+        self.assigned: set[str] = set()  # path locals set unconditionally above the current line
+        self.unset: dict[str, None] = {}  # path locals tested against _UNSET (ordered set)
+        self.known: dict[_Alternatives, str] = {}
+        self.temps = 0
+
+    def emit(self, depth: int, text: str) -> None:
+        self.lines.append("    " * depth + text)
+
+    def template(self, alternatives: _Alternatives) -> str:
+        name = self.known.get(alternatives)
+        if name is None:
+            name = f"v{len(self.known)}"
+            self.alternatives(alternatives, name, 1)
+            self.known[alternatives] = name
+        return name
+
+    def alternatives(self, alternatives: _Alternatives, target: str, depth: int) -> None:
+        for index, parts in enumerate(alternatives):
+            if index:
+                self.emit(depth, f"if not {target}:")
+            self.sequence(parts, target, depth + (index > 0))
+
+    def sequence(self, parts: tuple[Any, ...], target: str, depth: int) -> None:
+        if len(parts) == 1:
+            self.part(parts[0], target, depth)
+            return
+        pieces: list[str] = []
+        ok = ""  # the first piece doubles as the "every piece so far is non-empty" flag
         for part in parts:
-            if isinstance(part, _Group):
-                slot = known.get(part.alternatives)
-                if slot is None:
-                    part = _Group(alternatives=_reuse(part.alternatives, known))  # noqa: PLW2901
-                else:
-                    part = _Accessor(root=slot, steps=())  # noqa: PLW2901
-            new_parts.append(part)
-        rewritten.append(tuple(new_parts))
-    return tuple(rewritten)
+            if isinstance(part, str):
+                pieces.append(repr(part))
+                continue
+            self.temps += 1
+            piece = f"t{self.temps}"
+            if not ok:
+                self.part(part, piece, depth)
+                ok = piece
+            else:
+                self.emit(depth, f"if {ok}:")
+                self.part(part, piece, depth + 1)
+                self.emit(depth + 1, f"if not {piece}:")
+                self.emit(depth + 2, f"{ok} = ''")
+            pieces.append(piece)
+        self.emit(depth, f"{target} = {' + '.join(pieces)} if {ok} else ''")
+
+    def part(self, part: Any, target: str, depth: int) -> None:
+        if isinstance(part, str):
+            self.emit(depth, f"{target} = {part!r}")
+        elif isinstance(part, _Group):
+            known = self.known.get(part.alternatives)
+            if known is None:
+                self.alternatives(part.alternatives, target, depth)
+            else:
+                self.emit(depth, f"{target} = {known}")
+        else:
+            value = self.path(part, depth)
+            self.emit(depth, f"{target} = {value} if type({value}) is str else _text({value})")
+
+    def path(self, accessor: _Accessor, depth: int) -> str:
+        name = f"r{accessor.root}"
+        for end, (key, alt) in enumerate(accessor.steps, 1):
+            parent = name
+            seen = (accessor.root, accessor.steps[:end]) in self.paths
+            name = self.paths.setdefault((accessor.root, accessor.steps[:end]), f"p{len(self.paths)}")
+            if name in self.assigned:
+                continue
+            inner = depth
+            if seen:  # first looked up in a branch that may not have run
+                self.emit(depth, f"if {name} is _UNSET:")
+                self.unset.setdefault(name)
+                inner += 1
+            self.emit(inner, f"if type({parent}) is dict:")
+            self.emit(inner + 1, f"{name} = {parent}.get({key!r})")
+            if alt is not None:
+                self.emit(inner + 1, f"if {name} is None:")
+                self.emit(inner + 2, f"{name} = {parent}.get({alt!r})")
+            self.emit(inner, f"elif {parent} is None:")
+            self.emit(inner + 1, f"{name} = None")
+            self.emit(inner, "else:")
+            self.emit(inner + 1, f"{name} = _step({parent}, {key!r}, {alt!r})")
+            if depth == 1:  # unconditional: every later line can rely on it
+                self.assigned.add(name)
+        return name
 
 
-@attrs.frozen(kw_only=True)
-class _Plan:
-    steps: tuple[_Compiled, ...]  # evaluated in order, results appended to the roots
-    labels: tuple[tuple[str, int], ...]  # (name, roots index), sorted by name
-    metadata: tuple[tuple[str, int], ...]
-    tenant: int | None
+def _compile(
+    labels: tuple[tuple[str, Template], ...],
+    metadata: tuple[tuple[str, Template], ...],
+    extra: _Alternatives | None,
+) -> _Fields:
+    """Generate ``fields(r0..r6) -> (labels, structured metadata, raw extra)`` for a rule set.
+
+    Labels come out in the given order, cut to ``MAX_LABEL_VALUE_BYTES``, empty ones omitted.
+    Metadata values are cleaned and kept in order while they fit ``MAX_STRUCTURED_METADATA_BYTES``.
+    ``extra`` (the tenant, or the template ``Template.render`` evaluates) comes back raw, or None.
+    """
+    emitter = _Emitter()
+    everything = [t._alternatives for _, t in labels + metadata] + ([extra] if extra else [])
+    for alternatives in sorted(everything, key=_size):
+        emitter.template(alternatives)
+    lines = ["def fields(r0, r1, r2, r3, r4, r5, r6):"]
+    if emitter.unset:
+        lines.append(f"    {' = '.join(emitter.unset)} = _UNSET")
+    lines += emitter.lines
+    lines.append("    labels = []")
+    for name, template in labels:
+        value = emitter.known[template._alternatives]
+        fits = f"{value}.isascii() and len({value}) <= {MAX_LABEL_VALUE_BYTES}"
+        lines += [
+            f"    if {value}:",
+            f"        labels.append(({name!r}, {value} if {fits} else _label_value({value})))",
+        ]
+    lines += ["    metadata = []", f"    budget = {MAX_STRUCTURED_METADATA_BYTES}"]
+    for name, template in metadata:
+        value = emitter.known[template._alternatives]
+        lines += [  # Loki counts name + value bytes against its limit
+            f"    if {value}:",
+            f"        if {value}.isascii():",
+            f"            size = {len(name)} + len({value})",
+            "        else:",
+            f"            {value} = _clean({value})",
+            f"            size = {len(name)} + len({value}.encode())",
+            "        if size <= budget:",
+            "            budget -= size",
+            f"            metadata.append(({name!r}, {value}))",
+        ]
+    lines.append(f"    return labels, metadata, {emitter.known[extra] if extra else None}")
+    namespace: dict[str, Any] = {
+        "_UNSET": _UNSET,
+        "_step": _step,
+        "_text": _value_text,
+        "_clean": clean_text,
+        "_label_value": _label_value,
+    }
+    code = compile("\n".join(lines), "<fluentforward.records rules>", "exec")
+    exec(code, namespace)  # noqa: S102 - generated from parsed templates only, see _Emitter
+    fields: _Fields = namespace["fields"]
+    return fields
 
 
-def _make_plan(rules: ShapeRules) -> _Plan:
-    templates = [template for _, template in rules.labels + rules.structured_metadata]
-    if rules.tenant is not None:
-        templates.append(rules.tenant)
-    known: dict[Any, int] = {}
-    steps: list[_Compiled] = []
-    for template in sorted(templates, key=lambda t: _size(t._alternatives)):
-        if template._alternatives not in known:
-            known[template._alternatives] = len(_ROOTS) + len(steps)
-            steps.append(_compile(_reuse(template._alternatives, known)))
-    return _Plan(
-        steps=tuple(steps),
-        labels=tuple((name, known[t._alternatives]) for name, t in rules.labels),
-        metadata=tuple((name, known[t._alternatives]) for name, t in rules.structured_metadata),
-        tenant=None if rules.tenant is None else known[rules.tenant._alternatives],
-    )
+@functools.lru_cache(maxsize=64)
+def _render_function(alternatives: _Alternatives) -> _Fields:
+    return _compile((), (), alternatives)
 
 
 # --- rules ------------------------------------------------------------------------------------
@@ -718,7 +729,19 @@ class ShapeRules:
     tenant: Template | None
     envelope_keys: frozenset[str | bytes]
     max_line_bytes: int
-    _plan: _Plan = attrs.field(init=False, default=attrs.Factory(_make_plan, takes_self=True))
+    _fields: _Fields = attrs.field(
+        init=False,
+        eq=False,
+        repr=False,
+        default=attrs.Factory(
+            lambda rules: _compile(
+                rules.labels,
+                rules.structured_metadata,
+                None if rules.tenant is None else rules.tenant._alternatives,
+            ),
+            takes_self=True,
+        ),
+    )
 
 
 def _is_trace_name(name: str) -> bool:
@@ -728,7 +751,8 @@ def _is_trace_name(name: str) -> bool:
 
 def _reads_trace_ids(template: Template) -> bool:
     return any(
-        acc.root in {_TRACE_ID, _SPAN_ID} or any(_is_trace_name(key) for key in acc.string_keys())
+        acc.root in {_TRACE_ID, _SPAN_ID}
+        or any(isinstance(key, str) and _is_trace_name(key) for key, _ in acc.steps)
         for acc in template._accessors()
     )
 
@@ -918,38 +942,9 @@ class Shaper:
             A ``LokiEntry`` whose strings are all valid Unicode and within Loki's limits.
         """
         rules = self.rules
-        plan = rules._plan
-        roots = _roots(tag, entry, trace)
-        append = roots.append
-        for step in plan.steps:
-            append(step(roots))
-
-        labels = []
-        for name, slot in plan.labels:
-            value = roots[slot]
-            if value:
-                if not value.isascii() or len(value) > MAX_LABEL_VALUE_BYTES:
-                    value = _cut_utf8(clean_text(value), MAX_LABEL_VALUE_BYTES)
-                labels.append((name, value))
-
-        metadata = []
-        budget = MAX_STRUCTURED_METADATA_BYTES
-        for name, slot in plan.metadata:
-            value = roots[slot]
-            if value:
-                if value.isascii():
-                    size = len(name) + len(value)  # Loki counts name + value bytes
-                else:
-                    value = clean_text(value)
-                    size = len(name) + len(value.encode("utf-8"))
-                if size <= budget:
-                    budget -= size
-                    metadata.append((name, value))
-
-        tenant = None
-        if plan.tenant is not None:
-            tenant = _clean_tenant(roots[plan.tenant]) or None
-
+        labels, metadata, tenant = rules._fields(*_roots(tag, entry, trace))
+        if tenant is not None:
+            tenant = _clean_tenant(tenant) or None
         return LokiEntry(
             labels=tuple(labels) if labels else (FALLBACK_LABEL,),
             time_ns=entry.time_ns,

@@ -1,0 +1,445 @@
+"""Delivery: spool -> decode -> trace ids -> shape -> Loki, with a persisted cursor.
+
+The shipper reads stored frames in order from its cursor, turns each log event into a ``LokiEntry``
+(``ids.extract_trace_context`` then ``records.Shaper``), and pushes batches with the Loki sink.
+A round is the frames read at once: its batches are pushed (concurrently, per tenant), retried until
+Loki takes them, and only then is the cursor moved past the round and saved atomically. A restart
+resumes at the cursor: at most the round in flight is sent again, which Loki de-duplicates.
+
+What Loki refuses for good (a 400, an entry too large even alone) is written to a dead-letter file in
+the spool directory and the shipper moves on; a 400 batch is bisected first, so that only the entries
+Loki actually rejects end up there (the valid part of a 400 is stored by Loki, and re-sending stored
+entries is harmless). Credentials or URL rejected (401/403/404): the data stays, ``/readyz`` reports
+not ready, and the sink retries slowly.
+
+Delivered segments are kept for ``retention_s`` (and at most ``retention_bytes``) so they can be
+replayed, then deleted. The spool's backpressure counts undelivered bytes only.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import attrs
+import orjson
+import structlog
+import trio
+
+from fluentforward.errors import RemoteProtocolError
+from fluentforward.ids import DEFAULT_RULES, IdRules, extract_trace_context
+from fluentforward.reader import RecordFilter, entries_of
+from fluentforward.records import Shaper
+from fluentforward.sinks import LokiEntry
+from fluentforward.sinks.loki import Batch, LokiSink, PushOutcome, Verdict, entry_size
+from fluentforward.spool import (
+    Position,
+    ScanEnd,
+    Spool,
+    StoredFrame,
+    list_segments,
+    read_frames,
+    segment_path,
+)
+
+__all__ = [
+    "DEFAULT_RETENTION_S",
+    "CursorStore",
+    "DeadLetters",
+    "DeliveryStats",
+    "Shipper",
+    "ShipperSettings",
+    "Transformer",
+]
+
+log = structlog.get_logger("fluentforward.pipeline")
+
+# Delivered data is kept a day so an operator can replay it after a Loki incident.
+DEFAULT_RETENTION_S = 24 * 3600.0
+# Stored bytes read per round: a few Loki batches' worth, so a round's cursor step stays small (a
+# restart re-sends at most this much) while each round still fills batches.
+ROUND_BYTES = 4 * 1024 * 1024
+# A 400 batch is bisected this many times to find the entries Loki refuses (at most 2**6 pieces).
+MAX_BISECT_DEPTH = 6
+# Records shaped between checkpoints, so shaping a round never holds the event loop for long and
+# acks on other connections keep flowing.
+CHECKPOINT_RECORDS = 256
+
+CURSOR_FILE = "cursor.json"
+DEAD_LETTER_DIR = "dead-letter"
+
+
+@attrs.define
+class DeliveryStats:
+    """Counters of the delivery path (exported as metrics)."""
+
+    frames: int = 0
+    records: int = 0
+    entries_delivered: int = 0
+    entries_dead_lettered: int = 0
+    batches: int = 0
+    retries: int = 0
+    bad_frames: int = 0
+    status_codes: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    trace_sources: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    undelivered_bytes: int = 0
+    oldest_undelivered_ns: int | None = None
+    last_push_seconds: float = 0.0
+
+
+class Transformer:
+    """Stored frame -> Loki entries (decode, find trace ids, shape). Pure apart from counting."""
+
+    def __init__(
+        self, shaper: Shaper, id_rules: IdRules = DEFAULT_RULES, stats: DeliveryStats | None = None
+    ) -> None:
+        self.shaper = shaper
+        self.id_rules = id_rules
+        self.stats = stats if stats is not None else DeliveryStats()
+
+    def entries(self, frame: StoredFrame, record_filter: RecordFilter | None = None) -> list[LokiEntry]:
+        """Shape every log event of a frame (those the filter keeps).
+
+        Raises:
+            RemoteProtocolError: the stored bytes do not decode (a spool not written by fluentforward).
+        """
+        tag = frame.header.tag
+        shape = self.shaper.shape
+        rules = self.id_rules
+        sources = self.stats.trace_sources
+        out = []
+        for entry in entries_of(frame):
+            if record_filter is not None and not record_filter.time_ok(entry.time_ns):
+                continue
+            trace = extract_trace_context(entry.record, entry.metadata, rules=rules)
+            sources[trace.source if trace is not None else "none"] += 1
+            out.append(shape(tag, entry, trace))
+        self.stats.records += len(out)
+        return out
+
+
+class CursorStore:
+    """The delivery cursor of a spool directory, saved atomically (write, fsync, rename, fsync dir)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / CURSOR_FILE
+
+    def load(self) -> Position | None:
+        """The saved cursor, or None (never delivered, or an unreadable file: start from the oldest)."""
+        try:
+            data = orjson.loads(self.path.read_bytes())
+            return Position(segment=int(data["segment"]), offset=int(data["offset"]))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error(
+                "cursor_unreadable",
+                path=str(self.path),
+                error=str(exc),
+                action="delivering from the oldest frame",
+            )
+            return None
+
+    def save(self, position: Position) -> None:
+        """Persist a cursor so that a crash leaves either the old or the new one."""
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            f.write(orjson.dumps({"segment": position.segment, "offset": position.offset}))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class DeadLetters:
+    """Append-only JSON lines of entries Loki refused, one file per UTC day under ``dead-letter/``."""
+
+    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory / DEAD_LETTER_DIR
+        self._clock = clock
+
+    def write(self, outcome: PushOutcome, entries: Iterable[LokiEntry]) -> int:
+        """Record refused entries with Loki's status and message; returns how many were written."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        now = self._clock()
+        day = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d")
+        lines = [
+            orjson.dumps(
+                {
+                    "dead_lettered_at": now,
+                    "status": outcome.status,
+                    "reason": outcome.message,
+                    "tenant": outcome.batch.tenant,
+                    "labels": dict(entry.labels),
+                    "time_ns": entry.time_ns,
+                    "line": entry.line,
+                    "structured_metadata": dict(entry.structured_metadata),
+                }
+            )
+            for entry in entries
+        ]
+        with (self.directory / f"{day}.jsonl").open("ab") as f:
+            f.write(b"\n".join(lines) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return len(lines)
+
+
+@attrs.frozen(kw_only=True)
+class ShipperSettings:
+    """How the shipper paces itself and how long delivered data is kept."""
+
+    batch_bytes: int = 1024 * 1024
+    batch_wait_s: float = 1.0
+    retention_s: float = DEFAULT_RETENTION_S
+    retention_bytes: int | None = None
+    round_bytes: int = ROUND_BYTES
+
+
+async def push_and_settle(
+    sink: LokiSink, batch: Batch, dead_letters: DeadLetters, stats: DeliveryStats, depth: int = 0
+) -> tuple[int, int]:
+    """Push one batch until Loki has taken or refused every entry; dead-letter the refused ones.
+
+    Returns:
+        (entries delivered, entries dead-lettered).
+    """
+
+    def on_retry(outcome: PushOutcome, _delay: float) -> None:
+        stats.retries += 1
+        stats.status_codes[str(outcome.status or "error")] += 1
+
+    delivered = dead = 0
+    for outcome in await sink.push_with_retry(batch, on_retry=on_retry):
+        stats.batches += 1
+        stats.status_codes[str(outcome.status or "error")] += 1
+        piece = outcome.batch
+        if outcome.verdict is Verdict.DELIVERED:
+            delivered += len(piece.entries)
+            continue
+        halves = piece.split() if outcome.verdict is Verdict.PARTIAL and depth < MAX_BISECT_DEPTH else None
+        if halves is not None:
+            for half in halves:
+                d, x = await push_and_settle(sink, half, dead_letters, stats, depth + 1)
+                delivered += d
+                dead += x
+            continue
+        log.error(
+            "loki_rejected_entries",
+            status=outcome.status,
+            reason=outcome.message,
+            entries=len(piece.entries),
+            action="written to the dead-letter file",
+        )
+        dead += await trio.to_thread.run_sync(dead_letters.write, outcome, piece.entries)
+    return delivered, dead
+
+
+class Shipper:
+    """Ships a live spool to Loki from the persisted cursor onwards."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        sink: LokiSink,
+        transformer: Transformer,
+        settings: ShipperSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.sink = sink
+        self.transformer = transformer
+        self.settings = settings or ShipperSettings()
+        self.stats = transformer.stats
+        self._clock = clock
+        self._cursors = CursorStore(spool.directory)
+        self._dead = DeadLetters(spool.directory, clock=clock)
+        self._wake = trio.Event()
+        self._progress = trio.Event()  # set after every round (flush waits on it)
+        self._draining = False
+        self.cursor = self._cursors.load() or Position(
+            segment=(list_segments(spool.directory) or [1])[0], offset=8
+        )
+        spool.subscribe(self._on_commit)
+        self._account()
+
+    def _on_commit(self, _end: Position) -> None:
+        self._wake.set()
+
+    @property
+    def caught_up(self) -> bool:
+        """True when everything durable has been delivered."""
+        return self.cursor >= self.spool.durable_end
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Deliver until cancelled."""
+        task_status.started()
+        log.info("shipper_started", url=self.sink.url, cursor=attrs.asdict(self.cursor))
+        while True:
+            if self.caught_up:
+                self._signal_progress()
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            if not self._draining:
+                await self._wait_for_batch()
+            await self._ship_round()
+            self._signal_progress()
+
+    def _signal_progress(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def _wait_for_batch(self) -> None:
+        """Wait until a batch's worth is durable or the oldest undelivered frame is batch_wait old."""
+        deadline = trio.current_time() + self.settings.batch_wait_s
+        while not self._draining and self._pending_bytes() < self.settings.batch_bytes:
+            self._wake = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            if trio.current_time() >= deadline:
+                return
+
+    def _pending_bytes(self) -> int:
+        end = self.spool.durable_end
+        if end.segment == self.cursor.segment:
+            return max(0, end.offset - self.cursor.offset)
+        return self.settings.batch_bytes  # at least a segment's tail: ship now
+
+    async def _ship_round(self) -> None:
+        started = time.monotonic()
+        frames, end = await trio.to_thread.run_sync(self._read_round)
+        entries: list[LokiEntry] = []
+        for count, frame in enumerate(frames, 1):
+            try:
+                entries += self.transformer.entries(frame)
+            except RemoteProtocolError as exc:
+                self.stats.bad_frames += 1
+                log.error(
+                    "stored_frame_undecodable", segment=frame.segment, offset=frame.offset, error=str(exc)
+                )
+            if count % CHECKPOINT_RECORDS == 0:
+                await trio.lowlevel.checkpoint()
+        self.stats.frames += len(frames)
+        delivered = dead = 0
+        by_tenant: dict[str | None, list[LokiEntry]] = collections.defaultdict(list)
+        for entry in entries:
+            by_tenant[entry.tenant].append(entry)
+        batches = [
+            batch
+            for tenant, group in by_tenant.items()
+            for batch in _batches(group, tenant, self.settings.batch_bytes)
+        ]
+
+        async def push(batch: Batch) -> None:
+            nonlocal delivered, dead
+            d, x = await push_and_settle(self.sink, batch, self._dead, self.stats)
+            delivered += d
+            dead += x
+
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                nursery.start_soon(push, batch)
+        self.stats.entries_delivered += delivered
+        self.stats.entries_dead_lettered += dead
+        self.stats.last_push_seconds = time.monotonic() - started
+        self.cursor = end
+        await trio.to_thread.run_sync(self._after_round, end)
+
+    def _read_round(self) -> tuple[list[StoredFrame], Position]:
+        frames: list[StoredFrame] = []
+        size = 0
+        end = self.cursor
+        stop = self.spool.durable_end
+
+        def bad(path: Path, scan: ScanEnd) -> None:
+            log.error(
+                "spool_segment_damaged",
+                segment=str(path),
+                offset=scan.offset,
+                reason=scan.reason,
+                action="skipping the rest of the segment",
+            )
+
+        for frame in read_frames(self.spool.directory, self.cursor, on_bad=bad, stop=stop):
+            frames.append(frame)
+            size += frame.size
+            end = Position(segment=frame.segment, offset=frame.end)
+            if size >= self.settings.round_bytes:
+                break
+        else:
+            # Read to the durable end: a damaged or fully read older segment must not hold us back.
+            if not frames or end < stop:
+                end = stop
+        return frames, end
+
+    def _after_round(self, end: Position) -> None:
+        self._cursors.save(end)
+        self._apply_retention()
+        self._account()
+
+    def _apply_retention(self) -> None:
+        now = self._clock()
+        delivered = [seq for seq in list_segments(self.spool.directory) if seq < self.cursor.segment]
+        kept_bytes = 0
+        sizes = {}
+        for seq in delivered:
+            path = segment_path(self.spool.directory, seq)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            sizes[seq] = stat.st_size
+            kept_bytes += stat.st_size
+            if now - stat.st_mtime > self.settings.retention_s:
+                kept_bytes -= self.spool.forget_segment(seq)
+                sizes.pop(seq)
+        limit = self.settings.retention_bytes
+        for seq in sorted(sizes):
+            if limit is None or kept_bytes <= limit:
+                break
+            kept_bytes -= self.spool.forget_segment(seq)
+
+    def _account(self) -> None:
+        """Tell the spool how much is delivered, so backpressure counts undelivered bytes only."""
+        delivered = 0
+        for seq in list_segments(self.spool.directory):
+            if seq < self.cursor.segment:
+                try:
+                    delivered += segment_path(self.spool.directory, seq).stat().st_size
+                except FileNotFoundError:
+                    continue
+            elif seq == self.cursor.segment:
+                delivered += self.cursor.offset
+        self.spool.release(delivered)
+        self.stats.undelivered_bytes = self.spool.used_bytes
+
+    async def flush(self) -> None:
+        """Ship everything durable now, without waiting for batches to fill (shutdown)."""
+        self._draining = True
+        self._wake.set()
+        while not self.caught_up:
+            await self._progress.wait()
+
+
+def _batches(entries: list[LokiEntry], tenant: str | None, max_bytes: int) -> Iterable[Batch]:
+    """Cut one tenant's entries into batches of at most max_bytes (line + metadata bytes)."""
+    start = 0
+    size = 0
+    for index, entry in enumerate(entries):
+        cost = entry_size(entry)
+        if size and size + cost > max_bytes:
+            yield Batch.of(entries[start:index], tenant=tenant)
+            start, size = index, 0
+        size += cost
+    if start < len(entries):
+        yield Batch.of(entries[start:], tenant=tenant)

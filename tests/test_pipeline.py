@@ -1,0 +1,185 @@
+"""Delivery to a strict fake Loki: labels, trace ids, outages, partial 400s, restarts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import trio
+
+from fluentforward.config import ServerConfig, parse_listen
+from fluentforward.ids import DEFAULT_RULES
+from fluentforward.pipeline import CursorStore, Shipper, ShipperSettings, Transformer
+from fluentforward.records import Shaper, build_rules
+from fluentforward.server import serve
+from fluentforward.sinks.loki import LokiSettings, LokiSink
+from fluentforward.spool import Spool, SpoolSettings
+from tests.fakeloki import FakeLoki, Reply
+from tests.helpers import et, forward
+
+NOW = time.time_ns() // 10**9
+K8S = {
+    "namespace_name": "shop",
+    "pod_name": "checkout-7d9f-abcde",
+    "container_name": "api",
+    "host": "node-1",
+    "labels": {"app.kubernetes.io/name": "checkout"},
+}
+
+
+@pytest.fixture
+def loki():
+    with FakeLoki() as fake:
+        yield fake
+
+
+class Stack:
+    def __init__(self, state, shipper, sink):
+        self.state, self.shipper, self.sink = state, shipper, sink
+
+    async def send(self, frame: bytes) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", self.state.port)
+        try:
+            await stream.send_all(frame)
+            with trio.fail_after(10):
+                assert await stream.receive_some(1000)
+        finally:
+            await stream.aclose()
+
+    async def delivered(self, timeout: float = 20) -> None:
+        with trio.fail_after(timeout):
+            while not self.shipper.caught_up:
+                await trio.sleep(0.02)
+
+
+@pytest.fixture
+async def stack(tmp_path, nursery, loki):
+    """Server + shipper + sink on loopback; the factory takes Loki settings overrides."""
+    spools = []
+    sinks = []
+
+    async def start(directory=None, **loki_overrides):
+        spool = Spool.open(SpoolSettings(directory=directory or tmp_path / "spool"))
+        spools.append(spool)
+        settings = LokiSettings(url=loki.url, min_backoff_s=0.05, max_backoff_s=0.2, **loki_overrides)
+        sink = LokiSink(settings)
+        sinks.append(sink)
+        transformer = Transformer(Shaper(rules=build_rules(cluster="prod")), DEFAULT_RULES)
+        shipper = Shipper(spool, sink, transformer, ShipperSettings(batch_wait_s=0.05))
+        await nursery.start(shipper.run)
+        config = ServerConfig(listen=parse_listen("127.0.0.1:0"), spool=spool.settings)
+        state = await nursery.start(serve, config, spool)
+        return Stack(state, shipper, sink)
+
+    yield start
+    nursery.cancel_scope.cancel()
+    for sink in sinks:
+        await sink.aclose()
+    for spool in spools:
+        spool.close()
+
+
+def k8s_record(i: int, **extra):
+    return {"log": f"line {i}\n", "stream": "stdout", "kubernetes": K8S, **extra}
+
+
+async def test_records_reach_loki_with_labels_and_trace_metadata(stack, loki):
+    """Every record reaches Loki with the default labels and trace_id/span_id structured metadata."""
+    s = await stack()
+    entries = [
+        [[et(NOW - 10 + i), {}], k8s_record(i, traceId="4BF92F3577B34DA6A3CE929D0E0E4736", span_id="00f067aa0ba902b7")]
+        for i in range(5)
+    ]
+    entries.append([[et(NOW), {}], k8s_record(99)])
+    await s.send(forward("kube.var.log", entries, {"chunk": "c1"}))
+    await s.delivered()
+    stored = loki.entries()
+    assert len(stored) == 6
+    first = stored[0]
+    assert first.labels == {"namespace": "shop", "container": "api", "app": "checkout", "job": "shop/checkout", "cluster": "prod"}
+    assert first.structured_metadata["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert first.structured_metadata["span_id"] == "00f067aa0ba902b7"
+    assert first.structured_metadata["pod"] == "checkout-7d9f-abcde"
+    assert json.loads(first.line) == {"log": "line 0\n", "traceId": "4BF92F3577B34DA6A3CE929D0E0E4736", "span_id": "00f067aa0ba902b7"}
+    assert loki.entries()[-1].line == "line 99"
+    assert "trace_id" not in loki.entries()[-1].structured_metadata
+    assert len(loki.query(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", namespace="shop")) == 5
+    assert s.shipper.stats.trace_sources["none"] == 1
+
+
+async def test_loki_down_then_back_delivers_everything_once(stack, loki):
+    """While Loki is down records wait in the spool; when it is back every one arrives, none twice."""
+    s = await stack()
+    with loki.down():
+        for batch in range(3):
+            entries = [[[et(NOW - 50 + batch * 10 + i), {}], k8s_record(batch * 10 + i)] for i in range(10)]
+            await s.send(forward("t", entries, {"chunk": f"d{batch}"}))
+        await trio.sleep(1.0)
+        assert loki.entries() == []
+        assert not s.shipper.caught_up
+    await s.delivered()
+    lines = sorted(e.line for e in loki.entries())
+    assert lines == sorted(f"line {i}" for i in range(30))
+    assert s.shipper.stats.retries > 0
+
+
+async def test_partial_400_dead_letters_only_rejected_entries(stack, loki, tmp_path):
+    """Entries Loki refuses (too old) go to the dead-letter file; the valid ones are delivered."""
+    s = await stack()
+    old = NOW - 8 * 24 * 3600
+    entries = [[[et(NOW - 5 + i), {}], k8s_record(i)] for i in range(6)]
+    entries[2] = [[et(old), {}], k8s_record(2)]
+    entries[4] = [[et(old + 1), {}], k8s_record(4)]
+    await s.send(forward("t", entries, {"chunk": "p"}))
+    await s.delivered()
+    assert sorted(e.line for e in loki.entries()) == ["line 0", "line 1", "line 3", "line 5"]
+    files = list((tmp_path / "spool" / "dead-letter").glob("*.jsonl"))
+    dead = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert sorted(d["line"] for d in dead) == ["line 2", "line 4"]
+    assert all(d["status"] == 400 for d in dead)
+    assert s.shipper.stats.entries_dead_lettered == 2
+
+
+async def test_auth_failure_keeps_data_and_reports(stack, loki):
+    """A 401 keeps the data (nothing dead-lettered) and marks the sink as failing auth."""
+    s = await stack()
+    loki.script(Reply(401, "no org id"), Reply(401, "no org id"))
+    await s.send(forward("t", [[[et(NOW), {}], k8s_record(1)]], {"chunk": "a"}))
+    with trio.fail_after(10):
+        while not s.sink.auth_failed:
+            await trio.sleep(0.01)
+
+
+async def test_cursor_persisted_and_restart_resumes(tmp_path, nursery, loki):
+    """After a restart the shipper resumes at its saved cursor and does not resend delivered rounds."""
+    directory = tmp_path / "spool"
+
+    async def run_once(records):
+        spool = Spool.open(SpoolSettings(directory=directory))
+        sink = LokiSink(LokiSettings(url=loki.url))
+        shipper = Shipper(spool, sink, Transformer(Shaper(rules=build_rules()), DEFAULT_RULES), ShipperSettings(batch_wait_s=0.01))
+        async with trio.open_nursery() as n:
+            await n.start(spool.run)
+            await n.start(shipper.run)
+            for r in records:
+                from fluentforward.protocol import Signal
+                from fluentforward.spool import FrameHeader
+
+                await spool.append(
+                    FrameHeader(recv_time_ns=0, signal=Signal.LOGS, mode="forward", peer="p", chunk=None, tag="t", source_key="", record_count=1),
+                    forward("t", [[et(NOW), k8s_record(r)]]),
+                )
+            with trio.fail_after(10):
+                while not shipper.caught_up:
+                    await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+        await sink.aclose()
+        spool.close()
+
+    await run_once([1, 2])
+    assert CursorStore(directory).load() is not None
+    requests_before = len(loki.requests)
+    await run_once([3])
+    assert sorted(e.line for e in loki.entries()) == ["line 1", "line 2", "line 3"]
+    assert len(loki.requests) == requests_before + 1
