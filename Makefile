@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 NODE_DIR := tests/interop/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed-stamp
-SRC := fluentforward tests bench
+SRC := fluentforward tests bench examples
 
-.PHONY: install run test lint fmt typecheck pytest check bench fuzz soak node clean
+.PHONY: install run test lint fmt typecheck pytest check bench fuzz soak node clean chart-lint
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ pytest: install node
 test: lint typecheck pytest
 
 check: test
+
+# No helm binary is needed: the chart is rendered, linted and validated by the test suite.
+chart-lint: install
+	$(BIN)/pytest tests/test_chart.py -q
 
 bench: install
 	$(PY) -m bench.run

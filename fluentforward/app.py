@@ -39,7 +39,7 @@ class AppState:
 
 
 def health_routes(app: AppState) -> dict[str, Route]:
-    """The probe routes: /healthz (the process is alive), /readyz (it should receive traffic)."""
+    """/healthz (the process is alive), /readyz (it should receive traffic) and /metrics."""
 
     def healthz() -> tuple[int, str, bytes]:
         return 200, "text/plain", b"ok\n"
@@ -57,7 +57,12 @@ def health_routes(app: AppState) -> dict[str, Route]:
             return 503, "text/plain", ("not ready: " + ", ".join(problems) + "\n").encode()
         return 200, "text/plain", b"ready\n"
 
-    return {"/healthz": healthz, "/readyz": readyz}
+    def metrics() -> tuple[int, str, bytes]:
+        from fluentforward.metrics import CONTENT_TYPE, render, snapshot  # noqa: PLC0415
+
+        return 200, CONTENT_TYPE, render([({}, snapshot(app))])
+
+    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
 
 
 @contextlib.asynccontextmanager
@@ -110,7 +115,7 @@ async def run_server(
             if http_listeners:
                 server.http_port = http_listeners[0].socket.getsockname()[1]
                 nursery.start_soon(functools.partial(serve_http, http_listeners, health_routes(app)))
-                log.info("http_listening", port=server.http_port, routes=["/healthz", "/readyz"])
+                log.info("http_listening", port=server.http_port, routes=["/healthz", "/readyz", "/metrics"])
             task_status.started(app)
             await served.wait()
             if shipper is not None:

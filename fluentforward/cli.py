@@ -7,6 +7,7 @@ option, an unreadable directory, a port in use, a malformed size) prints one lin
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from fluentforward import __version__
 from fluentforward._logging import LOG_LEVELS, configure_logging
 from fluentforward._units import parse_duration, parse_size, parse_time_ns
 from fluentforward.config import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HTTP_LISTEN,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LISTEN,
@@ -29,9 +32,12 @@ from fluentforward.config import (
     DeliverySettings,
     ServerConfig,
     parse_listen,
+    parse_networks,
+    parse_users,
+    server_tls_context,
 )
 from fluentforward.errors import ConfigError, FluentForwardError, SpoolError
-from fluentforward.protocol import Limits
+from fluentforward.protocol import Limits, SharedKeyAuth
 from fluentforward.protocol._limits import (
     DEFAULT_MAX_DECOMPRESSED_BYTES,
     DEFAULT_MAX_ENTRIES_PER_FRAME,
@@ -179,8 +185,6 @@ DELIVERY_OPTIONS = (
     "loki_batch_bytes",
     "loki_batch_wait",
     "loki_concurrency",
-    "spool_retention",
-    "spool_retention_bytes",
     "cluster",
     "label",
     "structured_metadata",
@@ -201,6 +205,7 @@ def _check_spool_dir(path: Path) -> None:
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     listen: Annotated[
         str, typer.Option(envvar=_env("listen"), help="Forward protocol address HOST:PORT (TCP and UDP).")
     ] = DEFAULT_LISTEN,
@@ -290,6 +295,52 @@ def serve(
     trace_fields: TraceFieldsOpt = "",
     span_fields: SpanFieldsOpt = "",
     scan_text: ScanTextOpt = True,
+    shared_key: Annotated[
+        str | None,
+        typer.Option(envvar=_env("shared-key"), help="Require the Forward handshake with this key."),
+    ] = None,
+    shared_key_file: Annotated[
+        Path | None, typer.Option(envvar=_env("shared-key-file"), help="File holding the shared key.")
+    ] = None,
+    self_hostname: Annotated[
+        str, typer.Option(envvar=_env("self-hostname"), help="Our name in the handshake (PONG).")
+    ] = "",
+    user: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar=_env("user"), help="NAME:PASSWORD allowed to connect (repeatable; needs a shared key)."
+        ),
+    ] = None,
+    users_file: Annotated[
+        Path | None, typer.Option(envvar=_env("users-file"), help="File of NAME:PASSWORD lines.")
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(envvar=_env("allow"), help="Client network allowed (CIDR, repeatable)."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(envvar=_env("tls-cert"), help="Server certificate (PEM): enables TLS.")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(envvar=_env("tls-key"), help="Server private key (PEM).")
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(envvar=_env("tls-client-ca"), help="CA for client certificates: requires mutual TLS."),
+    ] = None,
+    tls_min_version: Annotated[
+        str, typer.Option(envvar=_env("tls-min-version"), help="Lowest TLS version: 1.2 or 1.3.")
+    ] = "1.2",
+    handshake_timeout: Annotated[
+        str, typer.Option(envvar=_env("handshake-timeout"), help="Time for the TLS and Forward handshakes.")
+    ] = f"{DEFAULT_HANDSHAKE_TIMEOUT:g}s",
+    frame_timeout: Annotated[
+        str, typer.Option(envvar=_env("frame-timeout"), help="Time a started request may take to arrive.")
+    ] = f"{DEFAULT_FRAME_TIMEOUT:g}s",
+    unix_socket_mode: Annotated[
+        str,
+        typer.Option(envvar=_env("unix-socket-mode"), help="File mode of a unix:// listen socket (octal)."),
+    ] = "0660",
     log_level: Annotated[
         str, typer.Option(envvar=_env("log-level"), help="debug, info, warning or error.")
     ] = "info",
@@ -302,7 +353,7 @@ def serve(
         _configure_logs(log_level, log_format)
         _check_spool_dir(spool_dir)
         config = ServerConfig(
-            listen=parse_listen(listen),
+            listen=parse_listen(listen, allow_unix=True),
             spool=SpoolSettings(
                 directory=spool_dir,
                 max_bytes=_positive(
@@ -334,32 +385,25 @@ def serve(
             source_address_key=source_address_key or None,
             udp_heartbeat=udp_heartbeat,
             shutdown_grace=parse_duration(shutdown_grace, option="--shutdown-grace"),
+            auth=_auth_settings(shared_key, shared_key_file, self_hostname, user or [], users_file),
+            allow=parse_networks(allow or []),
+            tls=None
+            if tls_cert is None
+            else server_tls_context(tls_cert, tls_key, client_ca=tls_client_ca, min_version=tls_min_version),
+            handshake_timeout=_positive_f(
+                parse_duration(handshake_timeout, option="--handshake-timeout"), "--handshake-timeout"
+            ),
+            frame_timeout=_positive_f(
+                parse_duration(frame_timeout, option="--frame-timeout"), "--frame-timeout"
+            ),
+            unix_socket_mode=_octal(unix_socket_mode, "--unix-socket-mode"),
         )
+        if tls_cert is None and (tls_key is not None or tls_client_ca is not None):
+            raise ConfigError("--tls-key and --tls-client-ca need --tls-cert")
         delivery = _delivery_settings(
-            loki_url=loki_url,
-            loki_format=loki_format,
-            loki_tenant=loki_tenant,
-            loki_tenant_key=loki_tenant_key,
-            loki_username=loki_username,
-            loki_password_file=loki_password_file,
-            loki_bearer_token_file=loki_bearer_token_file,
-            loki_header=loki_header or [],
-            loki_ca_file=loki_ca_file,
-            loki_cert_file=loki_cert_file,
-            loki_key_file=loki_key_file,
-            loki_timeout=loki_timeout,
-            loki_batch_bytes=loki_batch_bytes,
-            loki_batch_wait=loki_batch_wait,
-            loki_concurrency=loki_concurrency,
+            **{name: ctx.params[name] for name in DELIVERY_OPTIONS},
             spool_retention=spool_retention,
             spool_retention_bytes=spool_retention_bytes,
-            cluster=cluster,
-            label=label or [],
-            structured_metadata=structured_metadata or [],
-            line_format=line_format,
-            trace_fields=trace_fields,
-            span_fields=span_fields,
-            scan_text=scan_text,
         )
         spool = Spool.open(config.spool)
     except FluentForwardError as exc:
@@ -375,6 +419,43 @@ def serve(
         fail(str(group.exceptions[0]))
     finally:
         spool.close()
+
+
+def _octal(text: str, option: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"{option}: expected an octal mode like 0660, got {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{option}: {text!r} is not a file mode")
+    return mode
+
+
+def _auth_settings(
+    shared_key: str | None,
+    shared_key_file: Path | None,
+    self_hostname: str,
+    users: list[str],
+    users_file: Path | None,
+) -> SharedKeyAuth | None:
+    if shared_key is not None and shared_key_file is not None:
+        raise ConfigError("give --shared-key or --shared-key-file, not both")
+    key = shared_key if shared_key is not None else _read_secret(shared_key_file, "--shared-key-file")
+    user_lines = list(users)
+    if users_file is not None:
+        try:
+            user_lines += users_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--users-file {users_file}: {exc.strerror or exc}") from exc
+    accounts = parse_users(user_lines, option="--user/--users-file")
+    if key is None:
+        if accounts:
+            # Fluent Bit before 4.1.1 skipped authentication entirely in this configuration.
+            raise ConfigError("--user/--users-file need a shared key (--shared-key or --shared-key-file)")
+        return None
+    return SharedKeyAuth(
+        shared_key=key.encode(), self_hostname=self_hostname or socket.gethostname(), users=accounts
+    )
 
 
 def _pairs(items: list[str], option: str) -> dict[str, str]:
@@ -405,7 +486,7 @@ def _delivery_settings(
     loki_username: str,
     loki_password_file: Path | None,
     loki_bearer_token_file: Path | None,
-    loki_header: list[str],
+    loki_header: list[str] | None,
     loki_ca_file: Path | None,
     loki_cert_file: Path | None,
     loki_key_file: Path | None,
@@ -413,11 +494,11 @@ def _delivery_settings(
     loki_batch_bytes: str,
     loki_batch_wait: str,
     loki_concurrency: int,
-    spool_retention: str,
-    spool_retention_bytes: str,
+    spool_retention: str | None,
+    spool_retention_bytes: str | None,
     cluster: str,
-    label: list[str],
-    structured_metadata: list[str],
+    label: list[str] | None,
+    structured_metadata: list[str] | None,
     line_format: str,
     trace_fields: str,
     span_fields: str,
@@ -430,7 +511,7 @@ def _delivery_settings(
     from fluentforward.sinks.loki import LokiSettings  # noqa: PLC0415
 
     headers = []
-    for item in loki_header:
+    for item in loki_header or []:
         name, sep, value = item.partition(":")
         if not sep or not name.strip():
             raise ConfigError(f"--loki-header: expected 'Name: value', got {item!r}")
@@ -462,8 +543,8 @@ def _delivery_settings(
     )
     shape_rules = build_rules(
         line_format=line_format,
-        labels=_pairs(label, "--label"),
-        structured_metadata=_pairs(structured_metadata, "--structured-metadata"),
+        labels=_pairs(label or [], "--label"),
+        structured_metadata=_pairs(structured_metadata or [], "--structured-metadata"),
         cluster=cluster,
         tenant=loki_tenant_key or None,
     )
@@ -474,8 +555,8 @@ def _delivery_settings(
         shipper=ShipperSettings(
             batch_bytes=batch_bytes,
             batch_wait_s=batch_wait,
-            retention_s=parse_duration(spool_retention, option="--spool-retention"),
-            retention_bytes=parse_size(spool_retention_bytes, option="--spool-retention-bytes"),
+            retention_s=parse_duration(spool_retention or "0", option="--spool-retention"),
+            retention_bytes=parse_size(spool_retention_bytes or "0", option="--spool-retention-bytes"),
         ),
     )
 
@@ -599,6 +680,7 @@ def send(
 
 @app.command()
 def replay(
+    ctx: typer.Context,
     spool_dir: Annotated[Path, typer.Argument(envvar=_env("spool-dir"), help="The spool directory.")],
     to: Annotated[
         str,
@@ -661,31 +743,11 @@ def replay(
             until_ns=None if until is None else parse_time_ns(until, option="--until", now_ns=now),
             tag_glob=tag,
         )
+        # A replay keeps nothing: retention only applies to a running server.
         delivery = _delivery_settings(
-            loki_url=loki_url,
-            loki_format=loki_format,
-            loki_tenant=loki_tenant,
-            loki_tenant_key=loki_tenant_key,
-            loki_username=loki_username,
-            loki_password_file=loki_password_file,
-            loki_bearer_token_file=loki_bearer_token_file,
-            loki_header=loki_header or [],
-            loki_ca_file=loki_ca_file,
-            loki_cert_file=loki_cert_file,
-            loki_key_file=loki_key_file,
-            loki_timeout=loki_timeout,
-            loki_batch_bytes=loki_batch_bytes,
-            loki_batch_wait=loki_batch_wait,
-            loki_concurrency=loki_concurrency,
-            spool_retention="0",
-            spool_retention_bytes="0",
-            cluster=cluster,
-            label=label or [],
-            structured_metadata=structured_metadata or [],
-            line_format=line_format,
-            trace_fields=trace_fields,
-            span_fields=span_fields,
-            scan_text=scan_text,
+            **{name: ctx.params[name] for name in DELIVERY_OPTIONS},
+            spool_retention=None,
+            spool_retention_bytes=None,
         )
     except ConfigError as exc:
         fail(str(exc))

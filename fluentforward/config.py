@@ -7,12 +7,14 @@ one directly. Parsing helpers raise ``ConfigError`` with a message fit for a one
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
 
 from fluentforward.errors import ConfigError
+from fluentforward.protocol import SharedKeyAuth
 from fluentforward.protocol._limits import DEFAULT_LIMITS, Limits
 from fluentforward.spool import SpoolSettings
 
@@ -23,15 +25,21 @@ if TYPE_CHECKING:  # delivery types stay out of the import path of `spool` and `
     from fluentforward.sinks.loki import LokiSettings
 
 __all__ = [
+    "DEFAULT_FRAME_TIMEOUT",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_HTTP_LISTEN",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_SHUTDOWN_GRACE",
+    "TLS_VERSIONS",
     "DeliverySettings",
     "ListenAddress",
     "ServerConfig",
     "parse_listen",
+    "parse_networks",
+    "parse_users",
+    "server_tls_context",
 ]
 
 DEFAULT_LISTEN = "0.0.0.0:24224"  # the Forward protocol's registered port
@@ -44,26 +52,44 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 DEFAULT_MAX_CONNECTIONS = 1024
 # SIGTERM lets frames already being received finish and get their ack for this long.
 DEFAULT_SHUTDOWN_GRACE = 10.0
+# TLS and Forward handshakes are a few small messages; a peer that needs longer is broken or hostile.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Once a request has started it must be complete within this time: a sender dribbling bytes would
+# otherwise hold up to max_frame_bytes of memory for as long as it likes. A 32 MiB frame at 1 MB/s
+# still fits.
+DEFAULT_FRAME_TIMEOUT = 60.0
+DEFAULT_UNIX_SOCKET_MODE = 0o660
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @attrs.frozen(kw_only=True)
 class ListenAddress:
-    """A TCP host and port (port 0 picks a free port)."""
+    """A TCP host and port (port 0 picks a free port), or a Unix socket path."""
 
-    host: str
-    port: int
+    host: str = ""
+    port: int = 0
+    unix_path: str | None = None
 
     def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix://{self.unix_path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_listen(text: str, *, option: str = "--listen") -> ListenAddress:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
+def parse_listen(text: str, *, option: str = "--listen", allow_unix: bool = False) -> ListenAddress:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6), or ``unix:///path`` when ``allow_unix``.
 
     Raises:
         ConfigError: the text is not an address with a port in 0-65535.
     """
     value = text.strip()
+    if value.startswith("unix://"):
+        path = value.removeprefix("unix://")
+        if not allow_unix or not path.startswith("/"):
+            raise ConfigError(f"{option}: expected unix:///absolute/path, got {text!r}")
+        return ListenAddress(unix_path=path)
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit() or not host:
         raise ConfigError(f"{option}: expected HOST:PORT, got {text!r}")
@@ -94,6 +120,12 @@ class ServerConfig:
         source_address_key: when set, each record gets the peer address under this key at delivery.
         udp_heartbeat: answer UDP heartbeats with ``0x00`` on the listen port.
         shutdown_grace: seconds in-flight frames get to finish after SIGTERM.
+        auth: shared-key (and user) authentication; None accepts any client that may connect.
+        allow: client networks allowed to connect; empty allows all.
+        tls: the server-side TLS context; None serves plain TCP.
+        handshake_timeout: seconds for the TLS and Forward handshakes to complete.
+        frame_timeout: seconds a started request may take to arrive completely.
+        unix_socket_mode: file mode of a Unix listen socket.
     """
 
     listen: ListenAddress = attrs.field(factory=lambda: parse_listen(DEFAULT_LISTEN))
@@ -106,6 +138,75 @@ class ServerConfig:
     source_address_key: str | None = None
     udp_heartbeat: bool = True
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    auth: SharedKeyAuth | None = None
+    allow: tuple[Network, ...] = ()
+    tls: ssl.SSLContext | None = None
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT
+    unix_socket_mode: int = DEFAULT_UNIX_SOCKET_MODE
+
+
+def parse_networks(
+    items: list[str], *, option: str = "--allow"
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Parse CIDRs (``10.0.0.0/8``, ``::1/128``; a bare address is a /32 or /128).
+
+    Raises:
+        ConfigError: an item is not a network.
+    """
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{option}: {item!r} is not an IP network (CIDR)") from None
+    return tuple(networks)
+
+
+def parse_users(lines: list[str], *, option: str) -> dict[str, bytes]:
+    """Parse ``NAME:PASSWORD`` items (a users file holds one per line; ``#`` starts a comment).
+
+    Raises:
+        ConfigError: an item has no ``:`` or an empty name.
+    """
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        name, sep, password = text.partition(":")
+        if not sep or not name:
+            raise ConfigError(f"{option}: item {number}: expected NAME:PASSWORD")
+        users[name] = password.encode()
+    return users
+
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def server_tls_context(
+    cert: Path, key: Path | None, *, client_ca: Path | None = None, min_version: str = "1.2"
+) -> ssl.SSLContext:
+    """Build the server's TLS context; with ``client_ca`` clients must present a certificate it signed.
+
+    Raises:
+        ConfigError: a file is missing or unusable, or the version is not 1.2 or 1.3.
+    """
+    if min_version not in TLS_VERSIONS:
+        raise ConfigError(f"--tls-min-version: expected 1.2 or 1.3, got {min_version!r}")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = TLS_VERSIONS[min_version]
+    try:
+        context.load_cert_chain(str(cert), None if key is None else str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--tls-cert/--tls-key: {exc}") from exc
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(str(client_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--tls-client-ca {client_ca}: {exc}") from exc
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 @attrs.frozen(kw_only=True)

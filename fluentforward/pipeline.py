@@ -37,6 +37,7 @@ from fluentforward.records import Shaper
 from fluentforward.sinks import LokiEntry
 from fluentforward.sinks.loki import Batch, LokiSink, PushOutcome, Verdict, entry_size
 from fluentforward.spool import (
+    LatencyHistogram,
     Position,
     ScanEnd,
     Spool,
@@ -89,6 +90,7 @@ class DeliveryStats:
     undelivered_bytes: int = 0
     oldest_undelivered_ns: int | None = None
     last_push_seconds: float = 0.0
+    push_seconds: LatencyHistogram = attrs.field(factory=LatencyHistogram)
 
 
 class Transformer:
@@ -218,7 +220,10 @@ async def push_and_settle(
         stats.status_codes[str(outcome.status or "error")] += 1
 
     delivered = dead = 0
-    for outcome in await sink.push_with_retry(batch, on_retry=on_retry):
+    started = time.monotonic()
+    outcomes = await sink.push_with_retry(batch, on_retry=on_retry)
+    stats.push_seconds.observe(time.monotonic() - started)
+    for outcome in outcomes:
         stats.batches += 1
         stats.status_codes[str(outcome.status or "error")] += 1
         piece = outcome.batch
@@ -286,6 +291,7 @@ class Shipper:
         log.info("shipper_started", url=self.sink.url, cursor=attrs.asdict(self.cursor))
         while True:
             if self.caught_up:
+                self.stats.oldest_undelivered_ns = None
                 self._signal_progress()
                 self._wake = trio.Event()
                 await self._wake.wait()
@@ -318,6 +324,8 @@ class Shipper:
     async def _ship_round(self) -> None:
         started = time.monotonic()
         frames, end = await trio.to_thread.run_sync(self._read_round)
+        if frames:
+            self.stats.oldest_undelivered_ns = frames[0].header.recv_time_ns
         entries: list[LokiEntry] = []
         for count, frame in enumerate(frames, 1):
             try:

@@ -2,7 +2,8 @@
 
 Role: turn one decoded ``Entry`` (record, Fluent Bit metadata, OTLP group) plus the trace context
 ``fluentforward.ids`` already extracted into one ``LokiEntry``: index labels, log line, structured
-metadata and tenant. Settings are compiled once by ``build_rules``; ``Shaper.shape`` does no parsing.
+metadata and tenant. Settings are compiled once by ``build_rules`` (templates into one generated
+Python function per rule set, see ``_Emitter``); ``Shaper.shape`` parses nothing and never raises.
 
 Public API::
 
@@ -21,6 +22,9 @@ Template grammar (in the spirit of Fluent Bit's record accessor)::
     name        = ( ALPHA / "_" ) *( ALPHA / DIGIT / "_" )
     key         = "'" text "'" / DQUOTE text DQUOTE / 1*DIGIT   (inside quotes "\\" escapes a char)
     literal     = 1*( any char but "$|()\\" / "\\" any-char )
+
+A template is at most ``MAX_TEMPLATE_CHARS`` characters with groups nested at most
+``MAX_TEMPLATE_DEPTH`` deep; anything else is a ``ConfigError`` naming the column.
 
 Roots: ``$record`` (the record), ``$metadata`` (the entry's metadata map), ``$resource`` (the OTLP
 group's ``resource.attributes``), ``$group`` (the whole group record), ``$tag``, ``$trace_id`` and
@@ -46,6 +50,13 @@ removes a default. A label that resolves to ``""`` is omitted; if none resolves 
 ``FALLBACK_LABEL`` (``job="fluentforward"``, like Fluent Bit's ``job="fluent-bit"``; never the tag,
 which embeds the pod name). A user label that also exists as default structured metadata replaces it.
 
+Line (``LineFormat``): the *payload* is the record without ``envelope_keys`` (Fluent Bit's ``stream``,
+``_p``, ``time``, ``logtag``, ``kubernetes``...). ``auto`` sends the text of ``log``/``message``/``msg``
+when that is the payload's only key, else the payload as compact JSON; ``raw`` sends the first of
+those texts, JSON when there is none; ``json`` always JSON; ``key_value`` logfmt (values with spaces,
+quotes, ``=`` or nothing are JSON-quoted; maps and arrays as JSON). One trailing ``\n`` or ``\r\n``
+is removed from a text line. JSON keys keep the record's order.
+
 Trace ids are never labels (LOKI.md A3): a label named, or reading a key named, ``trace_id``,
 ``span_id``, ``traceparent`` (any case or punctuation), or using ``$trace_id``/``$span_id``, is a
 ``ConfigError``: such a label would create one stream per request.
@@ -62,7 +73,8 @@ Text invariants: every string in a ``LokiEntry`` is valid Unicode. Invalid UTF-8
 msgpack str (kept as lone surrogates by the decoder) becomes one U+FFFD per invalid byte; any other
 lone surrogate likewise. A msgpack bin value (or map key) becomes its text when it is valid UTF-8,
 else its lowercase hex (``b"\\x5b\\x8e"`` -> ``"5b8e"``), except a bin log message in the line, which
-is decoded with U+FFFD. The record, metadata and group are never mutated.
+is decoded with U+FFFD. A msgpack ext value (the decoder's ``slice(code, data)``) becomes the JSON
+``[code, "<hex of data>"]``. The record, metadata and group are never mutated.
 """
 
 from __future__ import annotations
@@ -75,6 +87,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
+import msgpack
 import orjson
 
 from fluentforward.errors import ConfigError
@@ -240,7 +253,7 @@ def _value_text(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         return repr(value)
-    if isinstance(value, (dict, list, tuple)):
+    if isinstance(value, (dict, list, tuple, slice)):
         return _json_bytes(value).decode("utf-8") if value else ""
     if isinstance(value, str):
         return str(value)
@@ -252,7 +265,8 @@ def jsonable(value: Any) -> Any:
 
     Strings are cleaned (lone surrogates -> U+FFFD); bytes become their UTF-8 text when valid, else
     lowercase hex; map keys become strings the same way (None -> ``"null"``, bool ->
-    ``"true"``/``"false"``, numbers via ``str``); tuples (msgpack ``ExtType`` included) become lists;
+    ``"true"``/``"false"``, numbers via ``str``); tuples become lists; msgpack ext values (``ExtType``
+    or the decoder's ``slice(code, data)``) become ``[code, "<hex of data>"]``;
     integers outside 64 bits become decimal strings; containers nested deeper than
     ``JSONABLE_MAX_DEPTH`` become ``"[too deep]"``; anything else becomes ``str(value)``. When two
     keys map to the same string the later one wins.
@@ -278,6 +292,9 @@ def _jsonable(value: Any, depth: int) -> Any:
         if depth >= JSONABLE_MAX_DEPTH:
             return JSONABLE_TOO_DEEP
         return {_key_text(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    if kind is slice or kind is msgpack.ExtType:  # slice(code, data): the decoder's ext_hook
+        code, data = (value.start, value.stop) if kind is slice else value
+        return [code, data.hex() if isinstance(data, (bytes, bytearray, memoryview)) else str(data)]
     if isinstance(value, (list, tuple)):
         if depth >= JSONABLE_MAX_DEPTH:
             return JSONABLE_TOO_DEEP
@@ -328,6 +345,8 @@ _Step = tuple[str | int, bytes | None]
 _Alternatives = tuple[tuple[Any, ...], ...]
 # Limits nesting in the generated code (Python's parser caps indentation at 100 levels).
 MAX_TEMPLATE_DEPTH = 8
+# Bounds the generated code and the time to build it; real templates are well under 200 chars.
+MAX_TEMPLATE_CHARS = 4096
 
 
 @attrs.frozen(kw_only=True)
@@ -478,6 +497,8 @@ class Template:
         """
         if not isinstance(source, str):
             raise ConfigError(f"template {source!r} must be a string")
+        if len(source) > MAX_TEMPLATE_CHARS:
+            raise ConfigError(f"template {source[:40]!r}... is over {MAX_TEMPLATE_CHARS} chars")
         return cls(source=source, alternatives=_Parser(source).parse())
 
     @classmethod
@@ -552,11 +573,11 @@ class _Emitter:
     Why generated code: a rule set is about ten templates of a few lookups each; evaluated through
     objects or closures, Python call overhead was most of the cost of shaping a record. The function
     takes the roots as ``r0``..``r6`` (indices of ``_ROOTS``). Each distinct path prefix is looked
-    up at most once per call and kept in a local (``p<n>``; ``_UNSET`` until looked up when that
-    happens in a branch); each distinct
-    template is evaluated once, smallest first, into ``v<n>``, so a group equal to a whole template
-    (the default ``job`` is ``(<namespace>)/(<app>)``) reuses its value. Only sanitized names and
-    ``repr()`` of str/bytes/int keys reach the source, so settings cannot inject code.
+    up at most once per call and kept in a local ``p<n>`` (which starts as ``_UNSET`` when it is
+    first looked up inside a branch). Each distinct template is evaluated once, smallest first,
+    into ``v<n>``, so a group equal to a whole template (the default ``job`` is
+    ``(<namespace>)/(<app>)``) reuses its value. Only sanitized names and ``repr()`` of
+    str/bytes/int keys and literals reach the source, so settings cannot inject code.
     """
 
     def __init__(self) -> None:
@@ -605,7 +626,9 @@ class _Emitter:
                 self.emit(depth + 1, f"if not {piece}:")
                 self.emit(depth + 2, f"{ok} = ''")
             pieces.append(piece)
-        self.emit(depth, f"{target} = {' + '.join(pieces)} if {ok} else ''")
+        # A long "+" chain nests deeply in Python's compiler; join() keeps it flat.
+        joined = " + ".join(pieces) if len(pieces) <= 8 else f"''.join(({', '.join(pieces)}))"
+        self.emit(depth, f"{target} = {joined} if {ok} else ''")
 
     def part(self, part: Any, target: str, depth: int) -> None:
         if isinstance(part, str):
@@ -696,7 +719,10 @@ def _compile(
         "_clean": clean_text,
         "_label_value": _label_value,
     }
-    code = compile("\n".join(lines), "<fluentforward.records rules>", "exec")
+    try:
+        code = compile("\n".join(lines), "<fluentforward.records rules>", "exec")
+    except (RecursionError, MemoryError, SyntaxError) as exc:  # limits make this unreachable
+        raise ConfigError(f"templates too complex to compile: {exc}") from None
     exec(code, namespace)  # noqa: S102 - generated from parsed templates only, see _Emitter
     fields: _Fields = namespace["fields"]
     return fields

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import itertools
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -69,6 +71,8 @@ class ServerStats:
     heartbeats_udp: int = 0
     protocol_errors: dict[str, int] = attrs.field(factory=dict)
     handshake_failures: int = 0
+    tls_failures: int = 0
+    timeouts: dict[str, int] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -128,8 +132,23 @@ def _error_reason(message: str) -> str:
     return "".join(ch for ch in head if not ch.isdigit()).strip()[:60] or "invalid"
 
 
+def _peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    host = peer.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _allowed(config: ServerConfig, peer: str) -> bool:
+    if not config.allow or config.listen.unix_path is not None:
+        return True
+    address = _peer_ip(peer)
+    return address is not None and any(address in network for network in config.allow)
+
+
 async def handle_connection(stream: trio.abc.Stream, state: ServerState, peer: str | None = None) -> None:
-    """Serve one Forward connection until EOF, error, idle timeout or shutdown."""
+    """Serve one Forward connection until EOF, error, timeout or shutdown."""
     peer = peer or _peer_name(stream)
     config = state.config
     stats = state.stats
@@ -139,24 +158,36 @@ async def handle_connection(stream: trio.abc.Stream, state: ServerState, peer: s
             log.warning("connection_refused", reason="max_connections", limit=config.max_connections)
             await trio.aclose_forcefully(stream)
             return
+        if not _allowed(config, peer):
+            stats.connections_refused += 1
+            log.warning("connection_refused", reason="address not in --allow")
+            await trio.aclose_forcefully(stream)
+            return
         stats.connections_total += 1
         stats.connections_open += 1
-        conn = ServerConnection(
-            nonce=secrets.token_bytes(16),
-            auth_salt=secrets.token_bytes(16),
-            limits=config.limits,
-        )
         try:
+            if config.tls is not None:
+                stream = await _start_tls(stream, config)
+            conn = ServerConnection(
+                auth=config.auth,
+                nonce=secrets.token_bytes(16),
+                auth_salt=secrets.token_bytes(16),
+                limits=config.limits,
+            )
             await _flush(stream, conn)
             await _serve_frames(stream, conn, state, peer)
         except RemoteProtocolError as exc:
             reason = _error_reason(str(exc))
             stats.protocol_errors[reason] = stats.protocol_errors.get(reason, 0) + 1
             log.warning("protocol_error", reason=str(exc), offset=exc.offset)
-        except trio.TooSlowError:
-            log.info("connection_idle_timeout", idle_timeout=config.idle_timeout)
+        except _Timeout as exc:
+            stats.timeouts[exc.kind] = stats.timeouts.get(exc.kind, 0) + 1
+            log.info("connection_timeout", kind=exc.kind, seconds=exc.seconds, buffered_bytes=exc.buffered)
+        except _TlsFailed as exc:
+            stats.tls_failures += 1
+            log.warning("tls_handshake_failed", reason=str(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("connection_lost", error=str(exc) or type(exc).__name__)
+            log.info("connection_lost", error=str(exc.__cause__ or exc) or type(exc).__name__)
         except SpoolError as exc:
             log.error("spool_append_failed", error=str(exc), action="closing without ack")
         except Exception:
@@ -166,16 +197,67 @@ async def handle_connection(stream: trio.abc.Stream, state: ServerState, peer: s
             await trio.aclose_forcefully(stream)
 
 
+class _Timeout(Exception):  # noqa: N818 - internal signal, never escapes handle_connection
+    def __init__(self, kind: str, seconds: float, buffered: int) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.seconds = seconds
+        self.buffered = buffered
+
+
+class _TlsFailed(Exception):  # noqa: N818 - internal signal
+    pass
+
+
+async def _start_tls(stream: trio.abc.Stream, config: ServerConfig) -> trio.SSLStream[trio.abc.Stream]:
+    assert config.tls is not None
+    tls = trio.SSLStream(stream, config.tls, server_side=True)
+    try:
+        with trio.fail_after(config.handshake_timeout):
+            await tls.do_handshake()
+    except trio.TooSlowError:
+        raise _TlsFailed(f"no TLS handshake within {config.handshake_timeout:g}s") from None
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        raise _TlsFailed(getattr(cause, "reason", None) or str(cause) or "connection broken") from exc
+    return tls
+
+
+def _read_deadline(
+    conn: ServerConnection, config: ServerConfig, frame_started: float | None
+) -> tuple[float, str]:
+    """The deadline for the next read and what it guards: the handshake, a started frame, or idleness."""
+    now = trio.current_time()
+    if conn.state is State.AWAIT_PING:
+        return now + config.handshake_timeout, "handshake"
+    if frame_started is not None:
+        frame_deadline = frame_started + config.frame_timeout
+        if frame_deadline < now + config.idle_timeout:
+            return frame_deadline, "frame"
+    return now + config.idle_timeout, "idle"
+
+
 async def _serve_frames(
     stream: trio.abc.Stream, conn: ServerConnection, state: ServerState, peer: str
 ) -> None:
     config = state.config
     stats = state.stats
+    handshake_deadline = trio.current_time() + config.handshake_timeout
+    frame_started: float | None = None
     while conn.state in (State.AWAIT_PING, State.ESTABLISHED):
-        with trio.fail_after(config.idle_timeout):
+        deadline, kind = _read_deadline(conn, config, frame_started)
+        if kind == "handshake":
+            deadline = handshake_deadline
+        with trio.move_on_at(deadline) as scope:
             data = await stream.receive_some(RECEIVE_BYTES)
+        if scope.cancelled_caught:
+            limit = {"handshake": config.handshake_timeout, "frame": config.frame_timeout}.get(
+                kind, config.idle_timeout
+            )
+            raise _Timeout(kind, limit, conn.buffered_bytes)
         stats.bytes += len(data)
         events = conn.receive_data(data)
+        frame_started = (frame_started or trio.current_time()) if conn.buffered_bytes else None
         # Shielded: once frames are complete, a shutdown lets their appends and acks finish (within
         # the shutdown grace period, which sets this scope's deadline).
         with state.shielded():
@@ -260,7 +342,30 @@ async def _open_udp(host: str, port: int) -> trio.socket.SocketType | None:
     return sock
 
 
+async def _open_unix(config: ServerConfig) -> list[trio.SocketListener]:
+    path = config.listen.unix_path
+    assert path is not None
+    try:
+        if stat.S_ISSOCK((await trio.Path(path).stat()).st_mode):  # a stale socket from a previous run
+            await trio.Path(path).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"--listen unix://{path}: {exc.strerror or exc}") from exc
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        await trio.Path(path).chmod(config.unix_socket_mode)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"--listen unix://{path}: {exc.strerror or exc}") from exc
+    return [trio.SocketListener(sock)]
+
+
 async def _open_tcp(config: ServerConfig) -> list[trio.SocketListener]:
+    if config.listen.unix_path is not None:
+        return await _open_unix(config)
     try:
         return await trio.open_tcp_listeners(config.listen.port, host=config.listen.host or None)
     except OSError as exc:
@@ -287,8 +392,9 @@ async def serve(
     """
     state = ServerState(config=config, spool=spool)
     listeners = await _open_tcp(config)
-    state.port = listeners[0].socket.getsockname()[1]
-    udp = await _open_udp(config.listen.host, state.port) if config.udp_heartbeat else None
+    unix = config.listen.unix_path is not None
+    state.port = 0 if unix else listeners[0].socket.getsockname()[1]
+    udp = await _open_udp(config.listen.host, state.port) if config.udp_heartbeat and not unix else None
     try:
         await _run(state, listeners, udp, shutdown, extra_tasks or [], task_status)
     finally:
@@ -322,6 +428,9 @@ async def _run(
                 log.info(
                     "listening",
                     address=str(attrs.evolve(config.listen, port=state.port)),
+                    tls=config.tls is not None,
+                    shared_key=config.auth is not None,
+                    user_auth=config.auth is not None and config.auth.user_auth,
                     spool=str(state.spool.directory.resolve()),
                     udp_heartbeat=udp is not None,
                 )

@@ -32,6 +32,13 @@ def test_probes_and_sigterm_exit_zero(tmp_path):
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(forward("app", [[1, {"log": "kept"}]], {"chunk": "k1"}))
             assert msgpack.unpackb(sock.recv(100)) == {"ack": "k1"}
+        status, body = _get(server.http_port, "/metrics")
+        assert status == 200
+        text = body.decode()
+        assert "fluentforward_records_total 1.0" in text
+        assert "fluentforward_acks_total 1.0" in text
+        assert "fluentforward_spool_fsync_seconds_bucket" in text
+        assert 'fluentforward_frames_total{signal="logs"} 1.0' in text
     finally:
         code = server.stop()
     assert code == 0

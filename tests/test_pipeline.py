@@ -8,7 +8,9 @@ import time
 import pytest
 import trio
 
+from fluentforward.app import AppState
 from fluentforward.config import ServerConfig, parse_listen
+from fluentforward.metrics import render, snapshot
 from fluentforward.ids import DEFAULT_RULES
 from fluentforward.pipeline import CursorStore, Shipper, ShipperSettings, Transformer
 from fluentforward.records import Shaper, build_rules
@@ -106,6 +108,10 @@ async def test_records_reach_loki_with_labels_and_trace_metadata(stack, loki):
     assert "trace_id" not in loki.entries()[-1].structured_metadata
     assert len(loki.query(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", namespace="shop")) == 5
     assert s.shipper.stats.trace_sources["none"] == 1
+    text = render([({}, snapshot(AppState(s.state, s.shipper)))]).decode()
+    assert 'fluentforward_records_trace_id_total{source="none"} 1.0' in text
+    assert 'fluentforward_loki_entries_total{outcome="delivered"} 6.0' in text
+    assert "fluentforward_loki_push_seconds_count" in text
 
 
 async def test_loki_down_then_back_delivers_everything_once(stack, loki):

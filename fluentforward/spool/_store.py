@@ -43,7 +43,9 @@ __all__ = [
     "DEFAULT_DEDUP_CAPACITY",
     "DEFAULT_SEGMENT_BYTES",
     "DEFAULT_SPOOL_MAX_BYTES",
+    "LATENCY_BUCKETS",
     "AppendResult",
+    "LatencyHistogram",
     "Position",
     "Spool",
     "SpoolSettings",
@@ -63,6 +65,39 @@ DEFAULT_DEDUP_CAPACITY = 65536
 
 SEGMENT_DIR = "segments"
 SEGMENT_SUFFIX = ".seg"
+
+
+# Buckets for fsync and push latencies, in seconds: from a fast NVMe fsync to a slow network disk.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class LatencyHistogram:
+    """A cumulative histogram kept as plain numbers (rendered as a Prometheus histogram on scrape)."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Record one duration."""
+        self.count += 1
+        self.sum += seconds
+        for index, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self.counts[index] += 1
+                break
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(le, count)`` pairs, cumulative, ending with ``+Inf``."""
+        out = []
+        running = 0
+        for bound, count in zip(self.buckets, self.counts, strict=True):
+            running += count
+            out.append((repr(bound), running))
+        out.append(("+Inf", self.count))
+        return out
 
 
 @attrs.frozen(kw_only=True, order=True)
@@ -185,6 +220,7 @@ class Spool:
         self._last_sync = 0.0
         self._listeners: list[Callable[[Position], None]] = []
         self.fsync_count = 0
+        self.fsync_seconds = LatencyHistogram()
         self.frames_appended = 0
 
     # -- opening -----------------------------------------------------------------------------------
@@ -459,7 +495,9 @@ class Spool:
             self._segment_size += len(data)
             self._total_bytes += len(data)
         if sync:
+            started = time.perf_counter()
             os.fsync(self._file.fileno())
+            self.fsync_seconds.observe(time.perf_counter() - started)
             self.fsync_count += 1
             self._last_sync = self._clock()
             self._dirty = False
@@ -470,7 +508,9 @@ class Spool:
 
     def _sync_now(self) -> None:
         if self._file is not None and self._dirty:
+            started = time.perf_counter()
             os.fsync(self._file.fileno())
+            self.fsync_seconds.observe(time.perf_counter() - started)
             self.fsync_count += 1
         self._last_sync = self._clock()
         self._dirty = False
