@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ from fluentforward.spool import Spool
 if TYPE_CHECKING:
     from fluentforward.pipeline import Shipper
 
-__all__ = ["AppState", "health_routes", "run_server"]
+__all__ = ["AppState", "health_routes", "readiness_problems", "run_server"]
 
 log = structlog.get_logger("fluentforward.app")
 
@@ -38,6 +39,19 @@ class AppState:
         self.shipper = shipper
 
 
+def readiness_problems(app: AppState) -> list[str]:
+    """Why the server should not receive traffic now (empty when it is ready)."""
+    state = app.server
+    problems = []
+    if not state.listening:
+        problems.append("not listening")
+    if state.spool.is_full:
+        problems.append("spool full")
+    if app.shipper is not None and app.shipper.sink.auth_failed:
+        problems.append("Loki rejects our credentials or URL")
+    return problems
+
+
 def health_routes(app: AppState) -> dict[str, Route]:
     """/healthz (the process is alive), /readyz (it should receive traffic) and /metrics."""
 
@@ -45,14 +59,7 @@ def health_routes(app: AppState) -> dict[str, Route]:
         return 200, "text/plain", b"ok\n"
 
     def readyz() -> tuple[int, str, bytes]:
-        state = app.server
-        problems = []
-        if not state.listening:
-            problems.append("not listening")
-        if state.spool.is_full:
-            problems.append("spool full")
-        if app.shipper is not None and app.shipper.sink.auth_failed:
-            problems.append("Loki rejects our credentials or URL")
+        problems = readiness_problems(app)
         if problems:
             return 503, "text/plain", ("not ready: " + ", ".join(problems) + "\n").encode()
         return 200, "text/plain", b"ready\n"
@@ -84,6 +91,7 @@ async def run_server(
     config: ServerConfig,
     spool: Spool,
     delivery: DeliverySettings | None = None,
+    worker_index: int | None = None,
     *,
     task_status: trio.TaskStatus[AppState] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -116,6 +124,8 @@ async def run_server(
                 server.http_port = http_listeners[0].socket.getsockname()[1]
                 nursery.start_soon(functools.partial(serve_http, http_listeners, health_routes(app)))
                 log.info("http_listening", port=server.http_port, routes=["/healthz", "/readyz", "/metrics"])
+            if worker_index is not None:
+                nursery.start_soon(_report_to_parent, app)
             task_status.started(app)
             await served.wait()
             if shipper is not None:
@@ -128,6 +138,21 @@ async def run_server(
         for listener in http_listeners:
             listener.socket.close()
     log.info("exit")
+
+
+async def _report_to_parent(app: AppState) -> None:
+    """A ``--workers`` worker: write a metrics and readiness snapshot for the parent every second."""
+    from fluentforward.metrics import snapshot  # noqa: PLC0415
+    from fluentforward.workers import SNAPSHOT_INTERVAL, write_snapshot  # noqa: PLC0415
+
+    directory = app.server.spool.directory
+    while True:
+        data = {"written_at": time.time(), "problems": readiness_problems(app), "samples": snapshot(app)}
+        try:
+            await trio.to_thread.run_sync(write_snapshot, directory, data)
+        except OSError as exc:
+            log.warning("snapshot_write_failed", error=str(exc))
+        await trio.sleep(SNAPSHOT_INTERVAL)
 
 
 async def _watch_signals(shutdown: trio.Event) -> None:

@@ -7,12 +7,16 @@ option, an unreadable directory, a port in use, a malformed size) prints one lin
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import attrs
 import orjson
 import structlog
 import trio
@@ -54,6 +58,7 @@ from fluentforward.spool import (
     list_segments,
     read_frames,
     segment_path,
+    spool_dirs,
 )
 
 __all__ = ["app", "main"]
@@ -167,6 +172,15 @@ SpanFieldsOpt = Annotated[
 ]
 ScanTextOpt = Annotated[
     bool, typer.Option(envvar=_env("scan-text"), help="Look for ids in plain-text and JSON log lines.")
+]
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar=_env("config"),
+        help="TOML file of settings (keys are option names with _); flags and env vars win over it.",
+    ),
 ]
 
 DELIVERY_OPTIONS = (
@@ -341,6 +355,16 @@ def serve(
         str,
         typer.Option(envvar=_env("unix-socket-mode"), help="File mode of a unix:// listen socket (octal)."),
     ] = "0660",
+    workers: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("workers"), help="Processes sharing the port (SO_REUSEPORT), one spool each."
+        ),
+    ] = 1,
+    worker_index: Annotated[
+        int | None, typer.Option(envvar=_env("worker-index"), hidden=True, help="Set by the parent process.")
+    ] = None,
+    config_file: ConfigOpt = None,
     log_level: Annotated[
         str, typer.Option(envvar=_env("log-level"), help="debug, info, warning or error.")
     ] = "info",
@@ -349,6 +373,10 @@ def serve(
     ] = "auto",
 ) -> None:
     """Receive Forward traffic, spool it durably and ack it (and ship it to Loki with --loki-url)."""
+    checking = ctx.info_name == "check-config"
+    if worker_index is not None:  # a worker of --workers: its own spool, the shared port, no HTTP
+        spool_dir = spool_dir / f"worker-{worker_index}"
+        http_listen = "off"
     try:
         _configure_logs(log_level, log_format)
         _check_spool_dir(spool_dir)
@@ -397,7 +425,12 @@ def serve(
                 parse_duration(frame_timeout, option="--frame-timeout"), "--frame-timeout"
             ),
             unix_socket_mode=_octal(unix_socket_mode, "--unix-socket-mode"),
+            reuse_port=worker_index is not None,
         )
+        if workers < 1:
+            raise ConfigError(f"--workers: must be at least 1, got {workers}")
+        if workers > 1 and config.listen.unix_path is not None:
+            raise ConfigError("--workers needs a TCP --listen address (SO_REUSEPORT)")
         if tls_cert is None and (tls_key is not None or tls_client_ca is not None):
             raise ConfigError("--tls-key and --tls-client-ca need --tls-cert")
         delivery = _delivery_settings(
@@ -405,6 +438,13 @@ def serve(
             spool_retention=spool_retention,
             spool_retention_bytes=spool_retention_bytes,
         )
+        if checking:
+            _print_effective(ctx)
+            return
+        if workers > 1 and worker_index is None:
+            from fluentforward.workers import run_parent  # noqa: PLC0415
+
+            raise typer.Exit(run_parent(config, workers))
         spool = Spool.open(config.spool)
     except FluentForwardError as exc:
         fail(str(exc))
@@ -414,11 +454,44 @@ def serve(
     from fluentforward.app import run_server  # noqa: PLC0415 - keeps `spool ls` startup light
 
     try:
-        trio.run(run_server, config, spool, delivery)
+        trio.run(run_server, config, spool, delivery, worker_index)
     except* ConfigError as group:
         fail(str(group.exceptions[0]))
     finally:
         spool.close()
+
+
+app.command(
+    "check-config",
+    help="Validate serve's settings (flags, FLUENTFORWARD_*, --config); print them, secrets redacted.",
+)(serve)
+
+SECRET_OPTIONS = ("shared_key",)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return orjson.dumps(str(value)).decode()  # a JSON string is a valid TOML basic string
+
+
+def _print_effective(ctx: typer.Context) -> None:
+    """Print every serve setting as TOML (usable as a --config file), secrets redacted."""
+    lines = [f"# fluentforward {__version__}: effective settings of `serve`"]
+    for name, value in sorted(ctx.params.items()):
+        if name in ("worker_index", "config_file") or value is None:
+            continue
+        shown = value
+        if name in SECRET_OPTIONS:
+            shown = "<redacted>"
+        elif name == "user":
+            shown = [item.split(":", 1)[0] + ":<redacted>" for item in value]
+        lines.append(f"{name} = {_toml_value(shown)}")
+    typer.echo("\n".join(lines))
 
 
 def _octal(text: str, option: str) -> int:
@@ -719,15 +792,22 @@ def replay(
     trace_fields: TraceFieldsOpt = "",
     span_fields: SpanFieldsOpt = "",
     scan_text: ScanTextOpt = True,
+    config_file: ConfigOpt = None,
 ) -> None:
     """Re-send spooled records (a time range, some tags) to Loki or to a Forward receiver."""
     from fluentforward.pipeline import Transformer  # noqa: PLC0415
     from fluentforward.reader import RecordFilter  # noqa: PLC0415
     from fluentforward.records import Shaper  # noqa: PLC0415
-    from fluentforward.replay import Progress, replay_to_forward, replay_to_loki, spool_bytes  # noqa: PLC0415
+    from fluentforward.replay import (  # noqa: PLC0415
+        Progress,
+        ReplayResult,
+        replay_to_forward,
+        replay_to_loki,
+        spool_bytes,
+    )
     from fluentforward.sinks.loki import LokiSink  # noqa: PLC0415
 
-    directory = _existing_spool(spool_dir)
+    directories = _existing_spool(spool_dir)
     now = time.time_ns()
     try:
         configure_logging(json=None, level="warning")
@@ -751,10 +831,18 @@ def replay(
         )
     except ConfigError as exc:
         fail(str(exc))
-    progress = Progress(spool_bytes(directory))
+    progress = Progress(sum(spool_bytes(directory) for directory in directories))
     transformer = Transformer(Shaper(rules=delivery.shape_rules), delivery.id_rules)
 
     async def run() -> Any:
+        total = ReplayResult()
+        for directory in directories:
+            one = await run_one(directory)
+            for field in attrs.fields(ReplayResult):
+                setattr(total, field.name, getattr(total, field.name) + getattr(one, field.name))
+        return total
+
+    async def run_one(directory: Path) -> Any:
         if forward_target is not None:
             return await replay_to_forward(
                 directory,
@@ -802,12 +890,14 @@ def replay(
 # -- spool ls / verify / cat -------------------------------------------------------------------------
 
 
-def _existing_spool(directory: Path) -> Path:
+def _existing_spool(directory: Path) -> list[Path]:
+    """The spool directories under DIR: DIR itself, or its ``worker-<i>`` directories (``--workers``)."""
     if not directory.is_dir():
         fail(f"{directory}: not a spool directory (no such directory)")
-    if not (directory / "segments").is_dir():
-        fail(f"{directory}: not a spool directory (no segments/ inside)")
-    return directory
+    found = spool_dirs(directory)
+    if not found:
+        fail(f"{directory}: not a spool directory (no segments/ or worker-*/segments/ inside)")
+    return found
 
 
 def _iso(ns: int | None) -> str | None:
@@ -826,13 +916,13 @@ def spool_ls(
     ] = False,
 ) -> None:
     """List segments: frames, records, bytes and the receive-time range."""
-    directory = _existing_spool(directory)
     totals = {"frames": 0, "records": 0, "bytes": 0}
     rows: list[dict[str, Any]] = []
-    for sequence in list_segments(directory):
-        path = segment_path(directory, sequence)
+    for one, sequence in [(d, seq) for d in _existing_spool(directory) for seq in list_segments(d)]:
+        path = segment_path(one, sequence)
+        prefix = "" if one == directory else f"{one.name}/"
         row: dict[str, Any] = {
-            "segment": path.name,
+            "segment": prefix + path.name,
             "frames": 0,
             "records": 0,
             "bytes": 0,
@@ -840,7 +930,7 @@ def spool_ls(
             "last": None,
         }
         for frame in read_frames(
-            directory, _start_of(sequence), verify=False, want_raw=False, stop=_end_of(sequence)
+            one, _start_of(sequence), verify=False, want_raw=False, stop=_end_of(sequence)
         ):
             row["frames"] += 1
             row["records"] += frame.header.record_count
@@ -854,11 +944,11 @@ def spool_ls(
         for row in rows:
             typer.echo(orjson.dumps(row).decode())
         return
-    typer.echo(f"{'SEGMENT':<26} {'FRAMES':>8} {'RECORDS':>10} {'BYTES':>12}  RECEIVED (UTC)")
+    typer.echo(f"{'SEGMENT':<35} {'FRAMES':>8} {'RECORDS':>10} {'BYTES':>12}  RECEIVED (UTC)")
     for row in rows:
         span = f"{_iso(row['first'])} .. {_iso(row['last'])}" if row["first"] else "-"
-        typer.echo(f"{row['segment']:<26} {row['frames']:>8} {row['records']:>10} {row['bytes']:>12}  {span}")
-    typer.echo(f"{'total':<26} {totals['frames']:>8} {totals['records']:>10} {totals['bytes']:>12}")
+        typer.echo(f"{row['segment']:<35} {row['frames']:>8} {row['records']:>10} {row['bytes']:>12}  {span}")
+    typer.echo(f"{'total':<35} {totals['frames']:>8} {totals['records']:>10} {totals['bytes']:>12}")
 
 
 def _start_of(sequence: int) -> Any:
@@ -878,17 +968,19 @@ def spool_verify(
     directory: Annotated[Path, typer.Argument(envvar=_env("spool-dir"), help="The spool directory.")],
 ) -> None:
     """Check every frame's checksum; exit 1 naming the first corrupt place."""
-    directory = _existing_spool(directory)
+    directories = _existing_spool(directory)
     bad: list[tuple[Path, ScanEnd]] = []
     frames = 0
-    for _ in read_frames(directory, want_raw=False, on_bad=lambda path, end: bad.append((path, end))):
-        frames += 1
+    for one in directories:
+        for _ in read_frames(one, want_raw=False, on_bad=lambda path, end: bad.append((path, end))):
+            frames += 1
     if bad:
         path, end = bad[0]
         kind = "torn tail" if end.truncated else "corrupt"
         typer.echo(f"{path}@{end.offset}: {kind}: {end.reason} ({len(bad)} bad segment(s))", err=True)
         raise typer.Exit(1)
-    typer.echo(f"ok: {frames} frames in {len(list_segments(directory))} segments verified")
+    segments = sum(len(list_segments(one)) for one in directories)
+    typer.echo(f"ok: {frames} frames in {segments} segments verified")
 
 
 @spool_app.command("cat")
@@ -908,7 +1000,7 @@ def spool_cat(
     from fluentforward.reader import RecordFilter, iter_records  # noqa: PLC0415
     from fluentforward.records import jsonable  # noqa: PLC0415
 
-    directory = _existing_spool(directory)
+    directories = _existing_spool(directory)
     now = time.time_ns()
     try:
         record_filter = RecordFilter(
@@ -924,7 +1016,12 @@ def spool_cat(
         typer.echo(f"fluentforward: {path}@{end.offset}: {end.reason}; skipping the rest of it", err=True)
 
     try:
-        for item in iter_records(directory, record_filter, on_bad_segment=bad_segment):
+        items = (
+            item
+            for one in directories
+            for item in iter_records(one, record_filter, on_bad_segment=bad_segment)
+        )
+        for item in items:
             entry = item.entry
             trace = extract_trace_context(entry.record, entry.metadata)
             out.write(
@@ -947,9 +1044,57 @@ def spool_cat(
         fail(str(exc))
 
 
+def _config_path(argv: list[str], environ: Mapping[str, str]) -> Path | None:
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            return Path(argv[index + 1])
+        if arg.startswith("--config="):
+            return Path(arg.removeprefix("--config="))
+    value = environ.get(_env("config"))
+    return Path(value) if value else None
+
+
+def config_default_map(argv: list[str], environ: Mapping[str, str]) -> dict[str, Any] | None:
+    """Load the ``--config`` TOML file (or ``FLUENTFORWARD_CONFIG``) as click default values.
+
+    Values from the file rank below flags and environment variables and above the built-in defaults.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or names a setting that does not exist.
+    """
+    path = _config_path(argv, environ)
+    if path is None:
+        return None
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML: {exc}") from exc
+    serve_params = {param.name for param in typer.main.get_command(app).commands["serve"].params}  # type: ignore[attr-defined]
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in serve_params or name in ("config_file", "worker_index"):
+            raise ConfigError(f"--config {path}: unknown setting {key!r}")
+        settings[name] = value
+    replay_params = {param.name for param in typer.main.get_command(app).commands["replay"].params}  # type: ignore[attr-defined]
+    return {
+        "serve": settings,
+        "check-config": settings,
+        "replay": {k: v for k, v in settings.items() if k in replay_params and k != "spool_dir"},
+    }
+
+
 def main() -> None:
     """Entry point of the ``fluentforward`` console script."""
+    argv = sys.argv[1:]
     try:
-        app()
+        default_map = config_default_map(argv, os.environ)
+    except ConfigError as exc:
+        typer.echo(f"fluentforward: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        app(args=argv, default_map=default_map)
     except KeyboardInterrupt:  # pragma: no cover - interactive use
         sys.exit(130)

@@ -126,6 +126,7 @@ class ServerConfig:
         handshake_timeout: seconds for the TLS and Forward handshakes to complete.
         frame_timeout: seconds a started request may take to arrive completely.
         unix_socket_mode: file mode of a Unix listen socket.
+        reuse_port: bind with SO_REUSEPORT (``--workers``: several processes share the port).
     """
 
     listen: ListenAddress = attrs.field(factory=lambda: parse_listen(DEFAULT_LISTEN))
@@ -144,6 +145,7 @@ class ServerConfig:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     unix_socket_mode: int = DEFAULT_UNIX_SOCKET_MODE
+    reuse_port: bool = False
 
 
 def parse_networks(

@@ -330,10 +330,12 @@ async def _udp_heartbeats(sock: trio.socket.SocketType, state: ServerState) -> N
             log.debug("udp_reply_failed", error=str(exc))
 
 
-async def _open_udp(host: str, port: int) -> trio.socket.SocketType | None:
+async def _open_udp(host: str, port: int, *, reuse_port: bool = False) -> trio.socket.SocketType | None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         await sock.bind((host, port))
     except OSError as exc:
         sock.close()
@@ -363,9 +365,27 @@ async def _open_unix(config: ServerConfig) -> list[trio.SocketListener]:
     return [trio.SocketListener(sock)]
 
 
+async def _open_reuseport(config: ServerConfig) -> list[trio.SocketListener]:
+    """One listener with SO_REUSEPORT, so that ``--workers`` processes share the port (Linux)."""
+    host = config.listen.host or "0.0.0.0"  # noqa: S104 - the operator chose the address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind((host, config.listen.port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"--listen {config.listen}: {exc.strerror or exc}") from exc
+    return [trio.SocketListener(sock)]
+
+
 async def _open_tcp(config: ServerConfig) -> list[trio.SocketListener]:
     if config.listen.unix_path is not None:
         return await _open_unix(config)
+    if config.reuse_port:
+        return await _open_reuseport(config)
     try:
         return await trio.open_tcp_listeners(config.listen.port, host=config.listen.host or None)
     except OSError as exc:
@@ -394,7 +414,11 @@ async def serve(
     listeners = await _open_tcp(config)
     unix = config.listen.unix_path is not None
     state.port = 0 if unix else listeners[0].socket.getsockname()[1]
-    udp = await _open_udp(config.listen.host, state.port) if config.udp_heartbeat and not unix else None
+    udp = (
+        await _open_udp(config.listen.host, state.port, reuse_port=config.reuse_port)
+        if config.udp_heartbeat and not unix
+        else None
+    )
     try:
         await _run(state, listeners, udp, shutdown, extra_tasks or [], task_status)
     finally:

@@ -37,12 +37,9 @@ PREFIX = "FLUENTFORWARD_"
 # Options from notes/OPTIONS.md that the chart already sets but `fluentforward serve` does not have yet
 # (security, config file, workers). The lead removes each name here when its option lands;
 # test_pending_options_are_not_stale fails as a reminder.
-PENDING = {
-    "FLUENTFORWARD_CONFIG",
-    "FLUENTFORWARD_WORKERS",
-}
 # Server options the chart deliberately leaves to config.extra, with the reason.
 NOT_IN_VALUES = {
+    "FLUENTFORWARD_WORKER_INDEX": "internal: set by the --workers parent for each worker process",
     "FLUENTFORWARD_SHARED_KEY": "secrets reach the pod as files (--shared-key-file), never as env values",
     "FLUENTFORWARD_USER": "users reach the pod as a file (--users-file) from a Secret",
     "FLUENTFORWARD_UNIX_SOCKET_MODE": "a pod serves TCP; a unix socket is set through config.extra",
@@ -205,14 +202,14 @@ def test_render_refuses_combinations_that_cannot_run(values, message):
 def test_env_vars_are_server_options(rendered):
     """Every FLUENTFORWARD_* variable the chart sets is an option of `fluentforward serve`."""
     names = {name for name in env(manifests(rendered)) if name.startswith(PREFIX)}
-    unknown = names - set(serve_options()) - PENDING
+    unknown = names - set(serve_options())
     assert not unknown, f"not options of fluentforward serve: {sorted(unknown)}"
 
 
 def test_config_file_keys_are_server_options(rendered):
     """Every key of the --config TOML is an option name of `fluentforward serve` with '_' for '-'."""
     keys = {PREFIX + key.upper() for key in config_toml(manifests(rendered))}
-    unknown = keys - set(serve_options()) - PENDING
+    unknown = keys - set(serve_options())
     assert not unknown, f"not options of fluentforward serve: {sorted(unknown)}"
 
 
@@ -222,12 +219,6 @@ def test_every_server_option_is_reachable_through_values():
     reachable = set(env(docs)) | {PREFIX + key.upper() for key in config_toml(docs)}
     missing = set(serve_options()) - reachable - set(NOT_IN_VALUES)
     assert not missing, f"options without a value in the chart: {sorted(missing)}"
-
-
-def test_pending_options_are_not_stale():
-    """PENDING lists only options the server does not have yet (remove names as they land)."""
-    landed = PENDING & set(serve_options())
-    assert not landed, f"implemented now, remove from PENDING: {sorted(landed)}"
 
 
 def test_probes_use_the_http_listener(rendered):

@@ -10,13 +10,14 @@ import trio
 
 from fluentforward.app import AppState
 from fluentforward.config import ServerConfig, parse_listen
-from fluentforward.metrics import render, snapshot
 from fluentforward.ids import DEFAULT_RULES
+from fluentforward.metrics import render, snapshot
 from fluentforward.pipeline import CursorStore, Shipper, ShipperSettings, Transformer
+from fluentforward.protocol import Signal
 from fluentforward.records import Shaper, build_rules
 from fluentforward.server import serve
 from fluentforward.sinks.loki import LokiSettings, LokiSink
-from fluentforward.spool import Spool, SpoolSettings
+from fluentforward.spool import FrameHeader, Spool, SpoolSettings
 from tests.fakeloki import FakeLoki, Reply
 from tests.helpers import et, forward
 
@@ -90,7 +91,10 @@ async def test_records_reach_loki_with_labels_and_trace_metadata(stack, loki):
     """Every record reaches Loki with the default labels and trace_id/span_id structured metadata."""
     s = await stack()
     entries = [
-        [[et(NOW - 10 + i), {}], k8s_record(i, traceId="4BF92F3577B34DA6A3CE929D0E0E4736", span_id="00f067aa0ba902b7")]
+        [
+            [et(NOW - 10 + i), {}],
+            k8s_record(i, traceId="4BF92F3577B34DA6A3CE929D0E0E4736", span_id="00f067aa0ba902b7"),
+        ]
         for i in range(5)
     ]
     entries.append([[et(NOW), {}], k8s_record(99)])
@@ -99,11 +103,21 @@ async def test_records_reach_loki_with_labels_and_trace_metadata(stack, loki):
     stored = loki.entries()
     assert len(stored) == 6
     first = stored[0]
-    assert first.labels == {"namespace": "shop", "container": "api", "app": "checkout", "job": "shop/checkout", "cluster": "prod"}
+    assert first.labels == {
+        "namespace": "shop",
+        "container": "api",
+        "app": "checkout",
+        "job": "shop/checkout",
+        "cluster": "prod",
+    }
     assert first.structured_metadata["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert first.structured_metadata["span_id"] == "00f067aa0ba902b7"
     assert first.structured_metadata["pod"] == "checkout-7d9f-abcde"
-    assert json.loads(first.line) == {"log": "line 0\n", "traceId": "4BF92F3577B34DA6A3CE929D0E0E4736", "span_id": "00f067aa0ba902b7"}
+    assert json.loads(first.line) == {
+        "log": "line 0\n",
+        "traceId": "4BF92F3577B34DA6A3CE929D0E0E4736",
+        "span_id": "00f067aa0ba902b7",
+    }
     assert loki.entries()[-1].line == "line 99"
     assert "trace_id" not in loki.entries()[-1].structured_metadata
     assert len(loki.query(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", namespace="shop")) == 5
@@ -164,16 +178,27 @@ async def test_cursor_persisted_and_restart_resumes(tmp_path, nursery, loki):
     async def run_once(records):
         spool = Spool.open(SpoolSettings(directory=directory))
         sink = LokiSink(LokiSettings(url=loki.url))
-        shipper = Shipper(spool, sink, Transformer(Shaper(rules=build_rules()), DEFAULT_RULES), ShipperSettings(batch_wait_s=0.01))
+        shipper = Shipper(
+            spool,
+            sink,
+            Transformer(Shaper(rules=build_rules()), DEFAULT_RULES),
+            ShipperSettings(batch_wait_s=0.01),
+        )
         async with trio.open_nursery() as n:
             await n.start(spool.run)
             await n.start(shipper.run)
             for r in records:
-                from fluentforward.protocol import Signal
-                from fluentforward.spool import FrameHeader
-
                 await spool.append(
-                    FrameHeader(recv_time_ns=0, signal=Signal.LOGS, mode="forward", peer="p", chunk=None, tag="t", source_key="", record_count=1),
+                    FrameHeader(
+                        recv_time_ns=0,
+                        signal=Signal.LOGS,
+                        mode="forward",
+                        peer="p",
+                        chunk=None,
+                        tag="t",
+                        source_key="",
+                        record_count=1,
+                    ),
                     forward("t", [[et(NOW), k8s_record(r)]]),
                 )
             with trio.fail_after(10):

@@ -30,11 +30,21 @@ def _fill(directory, count=30):
             for f in range(3):
                 tag = "app.web" if f < 2 else "app.db"
                 entries = [
-                    [[et(BASE + f * 10 + i), {}], {"log": f"r{f * 10 + i}", "trace_id": f"{f * 10 + i + 1:032x}"}]
+                    [
+                        [et(BASE + f * 10 + i), {}],
+                        {"log": f"r{f * 10 + i}", "trace_id": f"{f * 10 + i + 1:032x}"},
+                    ]
                     for i in range(count // 3)
                 ]
                 header = FrameHeader(
-                    recv_time_ns=0, signal=Signal.LOGS, mode="forward", peer="p", chunk=None, tag=tag, source_key="", record_count=len(entries)
+                    recv_time_ns=0,
+                    signal=Signal.LOGS,
+                    mode="forward",
+                    peer="p",
+                    chunk=None,
+                    tag=tag,
+                    source_key="",
+                    record_count=len(entries),
                 )
                 await spool.append(header, forward(tag, entries))
             nursery.cancel_scope.cancel()
@@ -59,12 +69,25 @@ def test_replay_time_range_to_loki(spool_dir, loki):
     """A replay of a time range delivers exactly the records in that range, with their trace ids."""
     result = runner.invoke(
         app,
-        ["replay", str(spool_dir), "--loki-url", loki.url, "--since", str(BASE + 5), "--until", str(BASE + 15), "--line-format", "raw"],
+        [
+            "replay",
+            str(spool_dir),
+            "--loki-url",
+            loki.url,
+            "--since",
+            str(BASE + 5),
+            "--until",
+            str(BASE + 15),
+            "--line-format",
+            "raw",
+        ],
     )
     assert result.exit_code == 0, result.output
     lines = sorted(e.line for e in loki.entries())
     assert lines == sorted(f"r{i}" for i in range(5, 15))
-    assert {e.structured_metadata["trace_id"] for e in loki.entries()} == {f"{i + 1:032x}" for i in range(5, 15)}
+    assert {e.structured_metadata["trace_id"] for e in loki.entries()} == {
+        f"{i + 1:032x}" for i in range(5, 15)
+    }
     assert "delivered 10" in result.stderr
 
 
@@ -99,7 +122,9 @@ def test_replay_to_second_fluentforward_over_forward(spool_dir, tmp_path):
     """Replay to another fluentforward serve over Forward; a second run is de-duplicated by chunk id."""
     with ServerProcess(tmp_path / "target") as target:
         for _ in range(2):
-            result = runner.invoke(app, ["replay", str(spool_dir), "--to", f"forward://127.0.0.1:{target.port}"])
+            result = runner.invoke(
+                app, ["replay", str(spool_dir), "--to", f"forward://127.0.0.1:{target.port}"]
+            )
             assert result.exit_code == 0, result.output
     records = spool_records(tmp_path / "target")
     assert sorted(r["record"]["log"] for r in records) == sorted(f"r{i}" for i in range(30))

@@ -37,7 +37,10 @@ def test_every_vector_survives_the_wire(tmp_path):
         record["case"] = case["id"]
         entries.append([[et(1_795_680_000 + case["id"]), metadata], record])
     frame = msgpack.packb(["vectors", entries, {"chunk": "v"}], use_bin_type=True)
-    with ServerProcess(tmp_path / "spool") as server, socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with (
+        ServerProcess(tmp_path / "spool") as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock,
+    ):
         sock.sendall(frame)
         assert msgpack.unpackb(sock.recv(100)) == {"ack": "v"}
     rows = {row["record"]["case"]: row for row in spool_records(tmp_path / "spool")}

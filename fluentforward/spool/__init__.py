@@ -19,6 +19,7 @@ from fluentforward.spool._store import (
     list_segments,
     read_frames,
     segment_path,
+    spool_dirs,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "list_segments",
     "read_frames",
     "segment_path",
+    "spool_dirs",
 ]

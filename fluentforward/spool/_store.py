@@ -51,6 +51,7 @@ __all__ = [
     "SpoolSettings",
     "list_segments",
     "read_frames",
+    "spool_dirs",
 ]
 
 log = structlog.get_logger("fluentforward.spool")
@@ -140,6 +141,18 @@ class SpoolSettings:
 def segment_path(directory: Path, sequence: int) -> Path:
     """The file of segment ``sequence`` in a spool directory."""
     return directory / SEGMENT_DIR / f"{sequence:020d}{SEGMENT_SUFFIX}"
+
+
+def spool_dirs(directory: Path) -> list[Path]:
+    """``directory`` if it is a spool, else its ``worker-<i>`` spools (``--workers``), in worker order."""
+    if (directory / SEGMENT_DIR).is_dir():
+        return [directory]
+    workers = [
+        path
+        for path in directory.glob("worker-*")
+        if path.name.removeprefix("worker-").isdigit() and (path / SEGMENT_DIR).is_dir()
+    ]
+    return sorted(workers, key=lambda path: int(path.name.removeprefix("worker-")))
 
 
 def list_segments(directory: Path) -> list[int]:
