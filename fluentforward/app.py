@@ -8,6 +8,8 @@ its cursor and return (exit 0).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import signal
 import time
@@ -26,7 +28,7 @@ from fluentforward.spool import Spool
 if TYPE_CHECKING:
     from fluentforward.pipeline import Shipper
 
-__all__ = ["AppState", "health_routes", "readiness_problems", "run_server"]
+__all__ = ["AppState", "health_routes", "readiness_problems", "run_server", "tune_allocator"]
 
 log = structlog.get_logger("fluentforward.app")
 
@@ -85,6 +87,27 @@ async def _shipper(spool: Spool, delivery: DeliverySettings | None) -> AsyncIter
         yield Shipper(
             spool, sink, Transformer(Shaper(rules=delivery.shape_rules), delivery.id_rules), delivery.shipper
         )
+
+
+def tune_allocator() -> bool:
+    """Make glibc return freed request buffers to the OS instead of keeping them in the heap.
+
+    By default glibc raises its mmap threshold after a large buffer is freed, so later 2 MB request
+    buffers come from the heap, and a burst of them leaves hundreds of MB resident afterwards. Fixed
+    thresholds (and two arenas: our threads only write to disk) keep RSS near the live data. A no-op
+    where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    return bool(
+        mallopt(m_mmap_threshold, 128 * 1024)
+        and mallopt(m_trim_threshold, 128 * 1024)
+        and mallopt(m_arena_max, 2)
+    )
 
 
 async def run_server(

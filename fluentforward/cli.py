@@ -32,6 +32,7 @@ from fluentforward.config import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_RECEIVING,
     DEFAULT_SHUTDOWN_GRACE,
     DeliverySettings,
     ServerConfig,
@@ -47,6 +48,7 @@ from fluentforward.protocol._limits import (
     DEFAULT_MAX_ENTRIES_PER_FRAME,
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_TAG_BYTES,
+    MAX_TAG_BYTES_LIMIT,
 )
 from fluentforward.spool import (
     DEFAULT_DEDUP_CAPACITY,
@@ -267,6 +269,13 @@ def serve(
     idle_timeout: Annotated[
         str, typer.Option(envvar=_env("idle-timeout"), help="Close a connection silent this long.")
     ] = f"{DEFAULT_IDLE_TIMEOUT:g}s",
+    max_receiving: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("max-receiving"),
+            help="Connections receiving a request at once; others wait (memory bound).",
+        ),
+    ] = DEFAULT_MAX_RECEIVING,
     max_connections: Annotated[
         int, typer.Option(envvar=_env("max-connections"), help="Concurrent connections; more are refused.")
     ] = DEFAULT_MAX_CONNECTIONS,
@@ -402,15 +411,18 @@ def serve(
                     "--max-decompressed-bytes",
                 ),
                 max_entries_per_frame=_positive(max_entries_per_frame, "--max-entries-per-frame"),
-                max_tag_bytes=_positive(max_tag_bytes, "--max-tag-bytes"),
+                max_tag_bytes=_at_most(
+                    _positive(max_tag_bytes, "--max-tag-bytes"), MAX_TAG_BYTES_LIMIT, "--max-tag-bytes"
+                ),
             ),
             http_listen=None
             if http_listen.strip().lower() in ("", "off", "none")
             else parse_listen(http_listen, option="--http-listen"),
             idle_timeout=_positive_f(parse_duration(idle_timeout, option="--idle-timeout"), "--idle-timeout"),
             max_connections=_positive(max_connections, "--max-connections"),
-            tag_prefix=tag_prefix,
-            source_address_key=source_address_key or None,
+            max_receiving=_positive(max_receiving, "--max-receiving"),
+            tag_prefix=_at_most_text(tag_prefix, 1024, "--tag-prefix"),
+            source_address_key=_at_most_text(source_address_key, 1024, "--source-address-key") or None,
             udp_heartbeat=udp_heartbeat,
             shutdown_grace=parse_duration(shutdown_grace, option="--shutdown-grace"),
             auth=_auth_settings(shared_key, shared_key_file, self_hostname, user or [], users_file),
@@ -451,8 +463,9 @@ def serve(
     typer.echo(f"fluentforward {__version__}: spool at {spool_dir.resolve()}", err=True)
     if delivery.loki is None:
         typer.echo("fluentforward: no --loki-url: running as a spool-only receiver", err=True)
-    from fluentforward.app import run_server  # noqa: PLC0415 - keeps `spool ls` startup light
+    from fluentforward.app import run_server, tune_allocator  # noqa: PLC0415 - keeps `spool ls` light
 
+    tune_allocator()
     try:
         trio.run(run_server, config, spool, delivery, worker_index)
     except* ConfigError as group:
@@ -637,6 +650,18 @@ def _delivery_settings(
 def _positive(value: int, option: str) -> int:
     if value < 1:
         raise ConfigError(f"{option}: must be at least 1, got {value}")
+    return value
+
+
+def _at_most(value: int, limit: int, option: str) -> int:
+    if value > limit:
+        raise ConfigError(f"{option}: must be at most {limit}, got {value}")
+    return value
+
+
+def _at_most_text(value: str, limit: int, option: str) -> str:
+    if len(value.encode()) > limit:
+        raise ConfigError(f"{option}: must be at most {limit} bytes")
     return value
 
 

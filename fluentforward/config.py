@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_RECEIVING",
     "DEFAULT_SHUTDOWN_GRACE",
     "TLS_VERSIONS",
     "DeliverySettings",
@@ -59,6 +60,10 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # still fits.
 DEFAULT_FRAME_TIMEOUT = 60.0
 DEFAULT_UNIX_SOCKET_MODE = 0o660
+# Connections that may be receiving a request, or waiting for it to be spooled, at once. Others wait,
+# their bytes in the kernel (TCP backpressure), so request memory is bounded by this times the request
+# size rather than by the number of connections: 16 Fluent Bit flushes of 2 MB are 32 MB.
+DEFAULT_MAX_RECEIVING = 16
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -127,6 +132,7 @@ class ServerConfig:
         frame_timeout: seconds a started request may take to arrive completely.
         unix_socket_mode: file mode of a Unix listen socket.
         reuse_port: bind with SO_REUSEPORT (``--workers``: several processes share the port).
+        max_receiving: connections that may be receiving a request at the same time.
     """
 
     listen: ListenAddress = attrs.field(factory=lambda: parse_listen(DEFAULT_LISTEN))
@@ -146,6 +152,7 @@ class ServerConfig:
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     unix_socket_mode: int = DEFAULT_UNIX_SOCKET_MODE
     reuse_port: bool = False
+    max_receiving: int = DEFAULT_MAX_RECEIVING
 
 
 def parse_networks(

@@ -939,10 +939,15 @@ def _message_text(value: Any) -> str | None:
     return text
 
 
+@functools.lru_cache(maxsize=4096, typed=True)  # keys repeat across records; typed: 1 != True
+def _kv_name(key: Any) -> str:
+    return _KV_KEY_INVALID.sub("_", _key_text(key)) or "_"
+
+
 def _kv_line(payload: Mapping[Any, Any]) -> str:
     pairs = []
     for key, value in payload.items():
-        name = _KV_KEY_INVALID.sub("_", _key_text(key)) or "_"
+        name = _kv_name(key)
         text = "null" if value is None else clean_text(_value_text(value))
         if text == "" or _KV_NEEDS_QUOTES.search(text):
             text = orjson.dumps(text).decode("utf-8")

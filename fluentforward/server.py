@@ -88,6 +88,10 @@ class ServerState:
     clock: Callable[[], int] = time.time_ns
     drain_deadline: float | None = None
     _shields: set[trio.CancelScope] = attrs.field(factory=set)
+    receive_slots: trio.CapacityLimiter = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.receive_slots = trio.CapacityLimiter(self.config.max_receiving)
 
     @contextlib.contextmanager
     def shielded(self) -> Iterator[None]:
@@ -240,31 +244,54 @@ def _read_deadline(
 async def _serve_frames(
     stream: trio.abc.Stream, conn: ServerConnection, state: ServerState, peer: str
 ) -> None:
+    """Read, decode, spool and ack until the connection ends.
+
+    Memory is bounded by ``max_receiving`` slots: a connection reads its next chunk (at most
+    RECEIVE_BYTES) without one, but must hold a slot from the moment a request is in progress until it
+    is spooled. Connections waiting for a slot leave their bytes in the kernel (TCP backpressure).
+    """
     config = state.config
     stats = state.stats
+    slots = state.receive_slots
     handshake_deadline = trio.current_time() + config.handshake_timeout
     frame_started: float | None = None
-    while conn.state in (State.AWAIT_PING, State.ESTABLISHED):
-        deadline, kind = _read_deadline(conn, config, frame_started)
-        if kind == "handshake":
-            deadline = handshake_deadline
-        with trio.move_on_at(deadline) as scope:
-            data = await stream.receive_some(RECEIVE_BYTES)
-        if scope.cancelled_caught:
-            limit = {"handshake": config.handshake_timeout, "frame": config.frame_timeout}.get(
-                kind, config.idle_timeout
-            )
-            raise _Timeout(kind, limit, conn.buffered_bytes)
-        stats.bytes += len(data)
-        events = conn.receive_data(data)
-        frame_started = (frame_started or trio.current_time()) if conn.buffered_bytes else None
-        # Shielded: once frames are complete, a shutdown lets their appends and acks finish (within
-        # the shutdown grace period, which sets this scope's deadline).
-        with state.shielded():
-            await _handle_events(events, conn, state, peer)
-            await _flush(stream, conn)
-        if not data:
-            log.debug("connection_closed_by_peer")
+    holding = False
+    try:
+        while conn.state in (State.AWAIT_PING, State.ESTABLISHED):
+            deadline, kind = _read_deadline(conn, config, frame_started)
+            if kind == "handshake":
+                deadline = handshake_deadline
+            with trio.move_on_at(deadline) as scope:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            if scope.cancelled_caught:
+                limits = {"handshake": config.handshake_timeout, "frame": config.frame_timeout}
+                raise _Timeout(kind, limits.get(kind, config.idle_timeout), conn.buffered_bytes)
+            stats.bytes += len(data)
+            events = conn.receive_data(data)
+            if not conn.buffered_bytes:
+                frame_started = None
+            elif events or frame_started is None:  # a new request began in this read
+                frame_started = trio.current_time()
+            if not holding and (events or conn.buffered_bytes):
+                await slots.acquire_on_behalf_of(conn)
+                holding = True
+            # Shielded: once frames are complete, a shutdown lets their appends and acks finish (within
+            # the shutdown grace period, which sets this scope's deadline).
+            with state.shielded():
+                await _handle_events(events, conn, state, peer)
+                await _flush(stream, conn)
+            closed = not data
+            # Drop the last request before waiting for the next: an idle connection must not keep a
+            # 2 MB frame alive.
+            del events, data
+            if holding and not conn.buffered_bytes:  # the slot covers a request until it is spooled
+                slots.release_on_behalf_of(conn)
+                holding = False
+            if closed:
+                log.debug("connection_closed_by_peer")
+    finally:
+        if holding:
+            slots.release_on_behalf_of(conn)
 
 
 async def _handle_events(events: list[Any], conn: ServerConnection, state: ServerState, peer: str) -> None:
@@ -344,12 +371,25 @@ async def _open_udp(host: str, port: int, *, reuse_port: bool = False) -> trio.s
     return sock
 
 
+async def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a previous run; refuse if a live server still answers on it."""
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await probe.connect(path)
+    except ConnectionRefusedError:
+        await trio.Path(path).unlink()
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"--listen unix://{path}: address already in use by a running server")
+
+
 async def _open_unix(config: ServerConfig) -> list[trio.SocketListener]:
     path = config.listen.unix_path
     assert path is not None
     try:
-        if stat.S_ISSOCK((await trio.Path(path).stat()).st_mode):  # a stale socket from a previous run
-            await trio.Path(path).unlink()
+        if stat.S_ISSOCK((await trio.Path(path).stat()).st_mode):
+            await _remove_stale_socket(path)
     except FileNotFoundError:
         pass
     except OSError as exc:

@@ -30,6 +30,8 @@ class ServerProcess:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = self._log_path.open("ab")
         offset = log_file.tell()
+        self.port = 0  # a restart binds a new port: read it again from this run's log
+        self.http_port = None
         self.proc = subprocess.Popen(
             [
                 sys.executable,

@@ -39,6 +39,12 @@ from fluentforward.protocol._limits import DEFAULT_LIMITS, Limits
 
 __all__ = ["ServerConnection", "State"]
 
+# Bytes handed to the msgpack unpacker at a time (see receive_data).
+FEED_SLICE = 16 * 1024
+# Chunk ids are echoed byte for byte: decoded with surrogateescape, packed back the same way. One
+# packer serves every connection (pack() is synchronous), instead of a 128 KiB buffer per connection.
+_ACK_PACKER = msgpack.Packer(unicode_errors="surrogateescape")
+
 
 class State(enum.Enum):
     """Where a connection is in its life."""
@@ -74,13 +80,14 @@ class ServerConnection:
         self._limits = limits
         # The unpacker only finds where each request ends (skip() builds no objects and keeps no
         # consumed bytes); the request's bytes are kept once, in self._chunks, then decoded whole.
-        self._unpacker = msgpack.Unpacker(max_buffer_size=limits.max_frame_bytes)
+        # A small first buffer: msgpack's default is up to 1 MiB per connection.
+        self._unpacker = msgpack.Unpacker(
+            max_buffer_size=limits.max_frame_bytes, read_size=min(FEED_SLICE, limits.max_frame_bytes)
+        )
         self._chunks: list[bytes] = []  # bytes received but not yet part of a completed request
         self._pending = 0  # len(b"".join(self._chunks))
         self._base = 0  # stream offset of the first pending byte
         self._outgoing = bytearray()
-        # Chunk ids are echoed byte for byte: decoded with surrogateescape, packed back the same way.
-        self._packer = msgpack.Packer(unicode_errors="surrogateescape")
         if auth is None:
             self.state = State.ESTABLISHED
         else:
@@ -113,20 +120,16 @@ class ServerConnection:
         chunk = bytes(data)
         events: list[Event] = []
         try:
-            self._unpacker.feed(chunk)
             self._chunks.append(chunk)
             self._pending += len(chunk)
-            while self.state in (State.ESTABLISHED, State.AWAIT_PING):
-                try:
-                    self._unpacker.skip()
-                except msgpack.OutOfData:
+            view = memoryview(chunk)
+            # Fed in slices: skip() consumes what it parsed after each one, so the unpacker's own
+            # buffer stays near FEED_SLICE instead of growing to the largest read.
+            for offset in range(0, len(view), FEED_SLICE):
+                self._unpacker.feed(view[offset : offset + FEED_SLICE])
+                self._complete_requests(events)
+                if self.state not in (State.ESTABLISHED, State.AWAIT_PING):
                     break
-                end = self._unpacker.tell()
-                start = self._base
-                raw = self._take(end - start)
-                event = self._handle(_decode_raw(raw, start), raw, start)
-                if event is not None:
-                    events.append(event)
             if self._pending > self._limits.max_frame_bytes:
                 raise RemoteProtocolError(
                     f"request exceeds max_frame_bytes ({self._limits.max_frame_bytes})", offset=self._base
@@ -144,18 +147,34 @@ class ServerConnection:
             raise RemoteProtocolError(f"invalid msgpack ({type(exc).__name__})", offset=self._base) from exc
         return events
 
+    def _complete_requests(self, events: list[Event]) -> None:
+        while self.state in (State.ESTABLISHED, State.AWAIT_PING):
+            try:
+                self._unpacker.skip()
+            except msgpack.OutOfData:
+                return
+            end = self._unpacker.tell()
+            start = self._base
+            raw = self._take(end - start)
+            event = self._handle(_decode_raw(raw, start, self._limits), raw, start)
+            if event is not None:
+                events.append(event)
+
     def _take(self, size: int) -> bytes:
-        """Remove and return the first ``size`` pending bytes (one copy, unless it is one chunk)."""
+        """Remove and return the first ``size`` pending bytes, copying them at most once."""
         chunks = self._chunks
-        if len(chunks[0]) == size:
-            raw = chunks.pop(0)
+        taken = index = 0
+        while index < len(chunks) and taken + len(chunks[index]) <= size:
+            taken += len(chunks[index])
+            index += 1
+        if taken == size:  # the request ends on a chunk boundary
+            raw = b"".join(chunks[:index])  # a single chunk is returned as is, not copied
+            del chunks[:index]
         else:
-            joined = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            raw = joined[:size]
-            rest = joined[size:]
-            chunks.clear()
-            if rest:
-                chunks.append(rest)
+            cut = size - taken
+            boundary = chunks[index]
+            raw = b"".join([*chunks[:index], boundary[:cut]])
+            chunks[: index + 1] = [boundary[cut:]]
         self._pending -= size
         self._base += size
         return raw
@@ -208,7 +227,7 @@ class ServerConnection:
         """
         if self.state is not State.ESTABLISHED:
             raise LocalProtocolError(f"cannot ack in state {self.state.value}")
-        self._outgoing += self._packer.pack({"ack": command.chunk})
+        self._outgoing += _ACK_PACKER.pack({"ack": command.chunk})
 
     def data_to_send(self) -> bytes:
         """Drain the queued reply bytes (HELO, PONG, acks). Never blocks, never does I/O."""

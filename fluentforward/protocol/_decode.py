@@ -53,6 +53,12 @@ __all__ = [
     "validate_request",
 ]
 
+# Chunk ids are 24-32 characters (Fluent Bit) or 25 (Fluentd); anything far longer is not a chunk id,
+# and the spool stores the length in 16 bits.
+MAX_CHUNK_BYTES = 1024
+# Counts above this in `size` (metrics frames only) are not counts; the spool stores 32 bits.
+MAX_RECORD_COUNT = 2**32 - 1
+
 GROUP_START = -1  # time_ns sentinel of a Fluent Bit OTLP group-start marker
 GROUP_END = -2  # time_ns sentinel of a group-end marker
 
@@ -86,15 +92,29 @@ def _no_gc() -> Iterator[None]:
         gc.enable()
 
 
-def decode_raw_request(raw: bytes, where: int) -> Any:
+def _bounded(limits: Limits) -> dict[str, int]:
+    """Array and map length caps for unpacking: no container may be larger than a whole frame's
+    entry limit, so a small request cannot make us build millions of objects."""
+    cap = limits.max_entries_per_frame
+    return {"max_array_len": cap, "max_map_len": cap}
+
+
+def decode_raw_request(raw: bytes, where: int, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Decode one complete request with ``raw=True`` (receive path).
 
     Raises:
-        RemoteProtocolError: the bytes are not one msgpack object.
+        RemoteProtocolError: the bytes are not one msgpack object, or the entry array of a Forward
+            request is longer than ``max_entries_per_frame`` (checked before anything is built).
     """
+    count = _forward_entry_count(raw)
+    if count is not None and count > limits.max_entries_per_frame:
+        raise RemoteProtocolError(
+            f"frame has {count} entries, above max_entries_per_frame ({limits.max_entries_per_frame})",
+            offset=where,
+        )
     try:
         with _no_gc():
-            return msgpack.unpackb(raw, **_UNPACK_RAW)
+            return msgpack.unpackb(raw, **_UNPACK_RAW, **_bounded(limits))
     except Exception as exc:
         raise RemoteProtocolError(f"invalid msgpack ({type(exc).__name__})", offset=where) from exc
 
@@ -135,10 +155,17 @@ def _text(value: bytes | str) -> str:
 
 
 def _opt(options: dict[Any, Any], name: str) -> Any:
-    """Look an option up whether its key arrived as str or as bin."""
-    if name in options:
+    """Look an option up whether its key arrived as str or as bin.
+
+    When both spellings are present the later one wins, as it does when the map is decoded with
+    ``raw=True`` (the receive path), so both paths read the same value.
+    """
+    wire = name.encode()
+    if name not in options:
+        return options.get(wire)
+    if wire not in options:
         return options[name]
-    return options.get(name.encode())
+    return options[[key for key in options if key in (name, wire)][-1]]
 
 
 @attrs.frozen
@@ -157,11 +184,15 @@ def _parse_options(raw_options: Any, where: int) -> _Options:
     chunk = _opt(raw_options, "chunk")
     if chunk is not None and not isinstance(chunk, bytes | str):
         raise RemoteProtocolError(f"option chunk is {_kind(chunk)}, not a string", offset=where)
+    if chunk is not None and len(chunk) > MAX_CHUNK_BYTES:
+        raise RemoteProtocolError(f"option chunk is longer than {MAX_CHUNK_BYTES} bytes", offset=where)
     compressed = _opt(raw_options, "compressed")
     if compressed is not None:
         if not isinstance(compressed, bytes | str):
             raise RemoteProtocolError(f"option compressed is {_kind(compressed)}, not a string", offset=where)
-        compressed = compressed.encode() if isinstance(compressed, str) else compressed
+        compressed = (
+            compressed.encode("utf-8", "surrogateescape") if isinstance(compressed, str) else compressed
+        )
     signal_value = _opt(raw_options, "fluent_signal")
     if signal_value is None:
         signal = Signal.LOGS
@@ -355,8 +386,9 @@ def _packed_stream(
     data = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
     inflated = _inflate(data, options.compressed, limits, where)
     mode = Mode.COMPRESSED if inflated is not data else Mode.PACKED
+    _check_stream_count(inflated, limits, where)
     unpacker = msgpack.Unpacker(
-        max_buffer_size=max(len(inflated), 1), **(_UNPACK_TEXT if text else _UNPACK_RAW)
+        max_buffer_size=max(len(inflated), 1), **(_UNPACK_TEXT if text else _UNPACK_RAW), **_bounded(limits)
     )
     unpacker.feed(inflated)
     entries: list[Any] = []
@@ -381,6 +413,28 @@ def _packed_stream(
     return mode, entries
 
 
+def _check_stream_count(data: bytes, limits: Limits, where: int) -> None:
+    """Count a packed entry stream with skip() (no objects built) before decoding it."""
+    counter = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+    counter.feed(data)
+    count = 0
+    try:
+        while True:
+            counter.skip()
+            count += 1
+            if count > limits.max_entries_per_frame:
+                raise RemoteProtocolError(
+                    f"frame has more than max_entries_per_frame ({limits.max_entries_per_frame})",
+                    offset=where,
+                )
+    except msgpack.OutOfData:
+        return
+    except RemoteProtocolError:
+        raise
+    except Exception as exc:  # corrupt stream: decoding reports it precisely
+        del exc
+
+
 def validate_request(request: Any, where: int, limits: Limits = DEFAULT_LIMITS) -> RequestInfo:
     """Check one request decoded with ``raw=True``; return its tag, mode, signal, count and chunk.
 
@@ -397,7 +451,7 @@ def validate_request(request: Any, where: int, limits: Limits = DEFAULT_LIMITS) 
         # Metrics and traces (cmetrics / ctraces msgpack) are spooled and acked as they are, never
         # decoded as log events. Fluent Bit sends no `size` for a metrics map: count one.
         size = _opt(request[-1], "size")
-        count = size if type(size) is int and size >= 0 else 1
+        count = size if type(size) is int and 0 <= size <= MAX_RECORD_COUNT else 1
         return RequestInfo(tag=tag, mode=mode, signal=options.signal, record_count=count, chunk=options.chunk)
     if mode == Mode.MESSAGE:
         _time_ns(request[1], where, 0)
@@ -447,7 +501,9 @@ def decode_frame(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedFrame:
         # PackedForward payloads are decoded with raw=True first: Fluentd sends them as str32 holding
         # binary, which must not go through a UTF-8 decoder.
         with _no_gc():
-            request = msgpack.unpackb(raw, **(_UNPACK_RAW if mode_hint == Mode.PACKED else _UNPACK_TEXT))
+            request = msgpack.unpackb(
+                raw, **(_UNPACK_RAW if mode_hint == Mode.PACKED else _UNPACK_TEXT), **_bounded(limits)
+            )
     except Exception as exc:
         raise RemoteProtocolError(f"frame is not one msgpack object: {type(exc).__name__}", offset=0) from exc
     tag, mode, options = _head(request, 0, limits)
@@ -473,8 +529,23 @@ def decode_frame(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedFrame:
     )
 
 
-def _peek_second_type(raw: bytes) -> str | None:
-    """Classify a frame by the type byte of its second element without decoding it (or None)."""
+def _forward_entry_count(raw: bytes) -> int | None:
+    """The entry count of a Forward request from its array header, without decoding (or None)."""
+    position = _second_position(raw)
+    if position is None or position >= len(raw):
+        return None
+    head = raw[position]
+    if 0x90 <= head <= 0x9F:
+        return head & 0x0F
+    if head == 0xDC:
+        return int.from_bytes(raw[position + 1 : position + 3], "big")
+    if head == 0xDD:
+        return int.from_bytes(raw[position + 1 : position + 5], "big")
+    return None
+
+
+def _second_position(raw: bytes) -> int | None:
+    """Offset of a request's second element, read from the array and tag headers (or None)."""
     try:
         pos = 0
         head = raw[pos]
@@ -497,9 +568,17 @@ def _peek_second_type(raw: bytes) -> str | None:
             pos += 5 + int.from_bytes(raw[pos + 1 : pos + 5], "big")
         else:
             return None
-        second = raw[pos]
     except IndexError:
         return None
+    return pos
+
+
+def _peek_second_type(raw: bytes) -> str | None:
+    """Classify a frame by the type byte of its second element without decoding it (or None)."""
+    pos = _second_position(raw)
+    if pos is None or pos >= len(raw):
+        return None
+    second = raw[pos]
     if 0xA0 <= second <= 0xBF or second in (0xD9, 0xDA, 0xDB, 0xC4, 0xC5, 0xC6):
         return Mode.PACKED
     if 0x90 <= second <= 0x9F or second in (0xDC, 0xDD):

@@ -25,6 +25,8 @@ DEFAULT_MAX_ENTRIES_PER_FRAME = 500_000
 
 # Fluent Bit tail tags embed the log path (about 200 bytes); OpenTelemetry's receiver caps at 128 KiB.
 DEFAULT_MAX_TAG_BYTES = 4096
+# The spool stores a tag's length in 16 bits, with room left for a --tag-prefix.
+MAX_TAG_BYTES_LIMIT = 60000
 
 
 @attrs.frozen(kw_only=True)
@@ -50,6 +52,9 @@ class Limits:
     def _positive(self, attribute: attrs.Attribute[int], value: int) -> None:
         if value < 1:
             msg = f"{attribute.name} must be at least 1, got {value}"
+            raise ValueError(msg)
+        if attribute.name == "max_tag_bytes" and value > MAX_TAG_BYTES_LIMIT:
+            msg = f"max_tag_bytes must be at most {MAX_TAG_BYTES_LIMIT}, got {value}"
             raise ValueError(msg)
 
 

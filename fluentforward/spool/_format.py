@@ -92,13 +92,16 @@ class StoredFrame:
         return self.offset + self.size
 
 
-def encode_frame(header: FrameHeader, raw: bytes) -> bytes:
-    """Serialize one frame with its length and checksum."""
+def encode_frame(header: FrameHeader, raw: bytes) -> tuple[bytes, bytes]:
+    """Serialize one frame as (prefix and header, the frame's bytes), to be written back to back.
+
+    The Forward bytes are not copied: a 2 MB frame waiting for its fsync is held once, not three times.
+    """
     peer = _raw(header.peer)
     chunk = b"" if header.chunk is None else _raw(header.chunk)
     tag = _raw(header.tag)
     source_key = _raw(header.source_key)
-    body = b"".join(
+    head = b"".join(
         (
             _BODY_HEAD.pack(
                 header.recv_time_ns,
@@ -114,10 +117,10 @@ def encode_frame(header: FrameHeader, raw: bytes) -> bytes:
             chunk,
             tag,
             source_key,
-            raw,
         )
     )
-    return FRAME_PREFIX.pack(len(body), zlib.crc32(body)) + body
+    crc = zlib.crc32(raw, zlib.crc32(head))
+    return FRAME_PREFIX.pack(len(head) + len(raw), crc) + head, raw
 
 
 def _parse_body(body: bytes) -> tuple[FrameHeader, bytes]:

@@ -201,7 +201,7 @@ def read_frames(
 
 @attrs.define
 class _Batch:
-    items: list[bytes] = attrs.field(factory=list)
+    items: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     keys: list[tuple[str, str] | None] = attrs.field(factory=list)
     size: int = 0
     done: trio.Event = attrs.field(factory=trio.Event)
@@ -426,12 +426,13 @@ class Spool:
                     raise SpoolError(f"spool write failed: {pending.error}") from pending.error
                 return AppendResult(position=pending.positions[pending.keys.index(key)], duplicate=True)
         data = encode_frame(header, raw)
-        await self._wait_for_space(len(data))
+        size = len(data[0]) + len(data[1])
+        await self._wait_for_space(size)
         batch = self._batch
         index = len(batch.items)
         batch.items.append(data)
         batch.keys.append(key)
-        batch.size += len(data)
+        batch.size += size
         if key is not None:
             self._inflight[key] = batch
         self._work.set()
@@ -498,15 +499,17 @@ class Spool:
 
     def _write_batch(self, batch: _Batch, sync: bool) -> None:
         """Runs in a worker thread: append the batch, rotate segments, fsync."""
-        for data in batch.items:
-            if self._segment_size + len(data) > self.settings.segment_bytes and self._segment_size > len(
+        for head, raw in batch.items:
+            size = len(head) + len(raw)
+            if self._segment_size + size > self.settings.segment_bytes and self._segment_size > len(
                 SEGMENT_MAGIC
             ):
                 self._start_segment(self._segment + 1)
             batch.positions.append(Position(segment=self._segment, offset=self._segment_size))
-            self._file.write(data)
-            self._segment_size += len(data)
-            self._total_bytes += len(data)
+            self._write_all(head)
+            self._write_all(raw)
+            self._segment_size += size
+            self._total_bytes += size
         if sync:
             started = time.perf_counter()
             os.fsync(self._file.fileno())
@@ -518,6 +521,12 @@ class Spool:
             self._dirty = True
         self.frames_appended += len(batch.items)
         self._durable = Position(segment=self._segment, offset=self._segment_size)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # an unbuffered file may write less than asked
+            written = self._file.write(view)
+            view = view[written:]
 
     def _sync_now(self) -> None:
         if self._file is not None and self._dirty:

@@ -248,6 +248,7 @@ loki_header, allow); config.extra adds anything else.
 {{- include "fluentforward.env" (list "MAX_TAG_BYTES" (int64 $v.limits.maxTagBytes)) }}
 {{- include "fluentforward.env" (list "IDLE_TIMEOUT" $v.server.idleTimeout) }}
 {{- include "fluentforward.env" (list "MAX_CONNECTIONS" (int64 $v.server.maxConnections)) }}
+{{- include "fluentforward.env" (list "MAX_RECEIVING" (int64 $v.server.maxReceiving)) }}
 {{- include "fluentforward.env" (list "TAG_PREFIX" $v.server.tagPrefix) }}
 {{- include "fluentforward.env" (list "SOURCE_ADDRESS_KEY" $v.server.sourceAddressKey) }}
 {{- include "fluentforward.env" (list "UDP_HEARTBEAT" $v.server.udpHeartbeat) }}
