@@ -856,7 +856,7 @@ def replay(
         )
     except ConfigError as exc:
         fail(str(exc))
-    progress = Progress(sum(spool_bytes(directory) for directory in directories))
+    progress = Progress(sum(spool_bytes(directory) for directory in directories), progress_dir=spool_dir)
     transformer = Transformer(Shaper(rules=delivery.shape_rules), delivery.id_rules)
 
     async def run() -> Any:

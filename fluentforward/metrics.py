@@ -79,6 +79,22 @@ def snapshot(app: AppState, *, now: float | None = None) -> Snapshot:
     add("spool_fsyncs", "counter", "fsync calls by the spool.", spool.fsync_count)
     add("spool_fsync_seconds", "histogram", "fsync latency.", _histogram(spool.fsync_seconds))
 
+    from fluentforward.replay import read_progress  # noqa: PLC0415
+
+    replay = read_progress(spool.directory) or read_progress(spool.directory.parent)
+    if replay is not None:
+        add(
+            "replay_running",
+            "gauge",
+            "1 while a replay on this spool is running.",
+            int(bool(replay["running"])),
+        )
+        add("replay_records", "gauge", "Records the last replay read so far.", replay["records"])
+        add("replay_bytes", "gauge", "Spool bytes the last replay read so far.", replay["bytes"])
+        add("replay_total_bytes", "gauge", "Spool bytes the last replay will read.", replay["total_bytes"])
+        add("replay_delivered", "gauge", "Entries the last replay delivered.", replay["delivered"])
+        add("replay_rejected", "gauge", "Entries the last replay had rejected.", replay["rejected"])
+
     shipper = app.shipper
     if shipper is not None:
         d = shipper.stats

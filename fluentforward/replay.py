@@ -14,9 +14,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import attrs
+import orjson
 import structlog
 import trio
 
@@ -27,7 +28,15 @@ from fluentforward.sinks import LokiEntry
 from fluentforward.sinks.loki import Batch, LokiSink, entry_size
 from fluentforward.spool import ScanEnd, StoredFrame, list_segments, read_frames, segment_path
 
-__all__ = ["Progress", "ReplayResult", "replay_to_forward", "replay_to_loki", "scan_frames"]
+__all__ = [
+    "PROGRESS_FILE",
+    "Progress",
+    "ReplayResult",
+    "read_progress",
+    "replay_to_forward",
+    "replay_to_loki",
+    "scan_frames",
+]
 
 log = structlog.get_logger("fluentforward.replay")
 
@@ -47,22 +56,67 @@ class ReplayResult:
     bad_frames: int = 0
 
 
+PROGRESS_FILE = "replay-progress.json"
+
+
+def read_progress(directory: Path) -> dict[str, Any] | None:
+    """The last replay's progress as written into a spool directory (the server exports it as metrics)."""
+    try:
+        data: dict[str, Any] = orjson.loads((directory / PROGRESS_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return data
+
+
 class Progress:
-    """A progress line on a terminal (records, bytes, rate, ETA); silent otherwise."""
+    """A progress line on a terminal (records, bytes, rate, ETA), and a progress file for metrics.
+
+    The file ``replay-progress.json`` in the spool directory lets a server running on the same spool
+    export the replay's progress on ``/metrics``.
+    """
 
     def __init__(
-        self, total_bytes: int, stream: TextIO | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        total_bytes: int,
+        stream: TextIO | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        progress_dir: Path | None = None,
     ) -> None:
         self.total = max(total_bytes, 1)
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = self.stream.isatty()
+        self.progress_dir = progress_dir
         self._clock = clock
         self._start = clock()
         self._last = 0.0
+        self._last_file = -1.0
+
+    def _write_file(self, result: ReplayResult, *, final: bool) -> None:
+        if self.progress_dir is None:
+            return
+        data = {
+            "updated_at": time.time(),
+            "running": not final,
+            "records": result.records,
+            "bytes": result.bytes_read,
+            "total_bytes": self.total,
+            "delivered": result.delivered,
+            "rejected": result.rejected,
+        }
+        try:
+            tmp = self.progress_dir / (PROGRESS_FILE + ".tmp")
+            tmp.write_bytes(orjson.dumps(data))
+            tmp.replace(self.progress_dir / PROGRESS_FILE)
+        except OSError as exc:  # a read-only spool: progress is shown, not exported
+            log.debug("replay_progress_not_written", error=str(exc))
 
     def update(self, result: ReplayResult, *, final: bool = False) -> None:
-        """Redraw at most five times a second (and once at the end)."""
+        """Redraw at most five times a second (and once at the end); write the file once a second."""
         now = self._clock()
+        if final or self._last_file < 0 or now - self._last_file >= 1.0:
+            self._last_file = now
+            self._write_file(result, final=final)
         if not self.enabled or (not final and now - self._last < 0.2):
             return
         self._last = now

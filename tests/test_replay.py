@@ -8,9 +8,14 @@ import pytest
 import trio
 from typer.testing import CliRunner
 
+from fluentforward.app import AppState
 from fluentforward.cli import app
+from fluentforward.config import ServerConfig
+from fluentforward.metrics import render, snapshot
 from fluentforward.protocol import Signal
-from fluentforward.spool import FrameHeader, Spool, SpoolSettings
+from fluentforward.replay import read_progress
+from fluentforward.server import ServerState
+from fluentforward.spool import FrameHeader, LatencyHistogram, Spool, SpoolSettings
 from tests.fakeloki import FakeLoki
 from tests.helpers import et, forward
 from tests.procs import ServerProcess, spool_records
@@ -145,3 +150,29 @@ def test_replay_bad_arguments_exit_2(spool_dir, args):
     result = runner.invoke(app, ["replay", str(spool_dir), *args])
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_replay_progress_is_exported_as_metrics(spool_dir, loki):
+    """A replay writes its progress into the spool directory; the server's /metrics exports it."""
+
+    assert runner.invoke(app, ["replay", str(spool_dir), "--loki-url", loki.url]).exit_code == 0
+    progress = read_progress(spool_dir)
+    assert progress is not None
+    assert progress["running"] is False
+    assert progress["records"] == 30
+    assert progress["delivered"] == 30
+
+    class FakeSpool:  # only what the snapshot reads
+        directory = spool_dir
+        total_bytes = used_bytes = active_segment = fsync_count = 0
+        is_full = False
+
+        class settings:  # noqa: N801
+            max_bytes = 1
+
+        fsync_seconds = LatencyHistogram()
+
+    state = ServerState(config=ServerConfig(), spool=FakeSpool())  # type: ignore[arg-type]
+    text = render([({}, snapshot(AppState(state)))]).decode()
+    assert "fluentforward_replay_records 30.0" in text
+    assert "fluentforward_replay_running 0.0" in text
