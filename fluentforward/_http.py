@@ -13,7 +13,10 @@ import h11
 import structlog
 import trio
 
-__all__ = ["Route", "serve_http"]
+from fluentforward.config import ServerConfig
+from fluentforward.errors import ConfigError
+
+__all__ = ["Route", "open_http_listeners", "serve_http"]
 
 log = structlog.get_logger("fluentforward.http")
 
@@ -63,6 +66,20 @@ async def _handle(stream: trio.SocketStream, routes: Mapping[str, Route]) -> Non
         return
     finally:
         await trio.aclose_forcefully(stream)
+
+
+async def open_http_listeners(config: ServerConfig) -> list[trio.SocketListener]:
+    """Bind ``--http-listen`` (nothing when it is off).
+
+    Raises:
+        ConfigError: the address cannot be bound.
+    """
+    if config.http_listen is None:
+        return []
+    try:
+        return await trio.open_tcp_listeners(config.http_listen.port, host=config.http_listen.host)
+    except OSError as exc:
+        raise ConfigError(f"--http-listen {config.http_listen}: {exc.strerror or exc}") from exc
 
 
 async def serve_http(

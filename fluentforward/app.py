@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from fluentforward._http import Route, serve_http
+from fluentforward._http import Route, open_http_listeners, serve_http
 from fluentforward.config import DeliverySettings, ServerConfig
-from fluentforward.errors import ConfigError
 from fluentforward.server import ServerState, serve
 from fluentforward.spool import Spool
 
@@ -120,14 +119,7 @@ async def run_server(
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain: stop accepting, finish frames, flush the shipper."""
     shutdown = trio.Event()
-    http_listeners: list[trio.SocketListener] = []
-    if config.http_listen is not None:
-        try:
-            http_listeners = await trio.open_tcp_listeners(
-                config.http_listen.port, host=config.http_listen.host
-            )
-        except OSError as exc:
-            raise ConfigError(f"--http-listen {config.http_listen}: {exc.strerror or exc}") from exc
+    http_listeners = await open_http_listeners(config)
     try:
         async with _shipper(spool, delivery) as shipper, trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, shutdown)

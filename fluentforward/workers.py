@@ -21,9 +21,8 @@ import orjson
 import structlog
 import trio
 
-from fluentforward._http import Route, serve_http
+from fluentforward._http import Route, open_http_listeners, serve_http
 from fluentforward.config import ServerConfig
-from fluentforward.errors import ConfigError
 
 __all__ = [
     "SNAPSHOT_FILE",
@@ -112,14 +111,7 @@ async def _parent(config: ServerConfig, workers: int) -> int:
     spool_dir = config.spool.directory
     procs: list[trio.Process | None] = [None] * workers
     shutdown = trio.Event()
-    http_listeners: list[trio.SocketListener] = []
-    if config.http_listen is not None:
-        try:
-            http_listeners = await trio.open_tcp_listeners(
-                config.http_listen.port, host=config.http_listen.host
-            )
-        except OSError as exc:
-            raise ConfigError(f"--http-listen {config.http_listen}: {exc.strerror or exc}") from exc
+    http_listeners = await open_http_listeners(config)
 
     async def supervise(index: int) -> None:
         while not shutdown.is_set():
