@@ -463,9 +463,10 @@ def serve(
     typer.echo(f"fluentforward {__version__}: spool at {spool_dir.resolve()}", err=True)
     if delivery.loki is None:
         typer.echo("fluentforward: no --loki-url: running as a spool-only receiver", err=True)
-    from fluentforward.app import run_server, tune_allocator  # noqa: PLC0415 - keeps `spool ls` light
+    from fluentforward.app import run_server, tune_allocator, tune_gc  # noqa: PLC0415 - keeps `spool ls` light
 
     tune_allocator()
+    tune_gc()
     try:
         trio.run(run_server, config, spool, delivery, worker_index)
     except* ConfigError as group:

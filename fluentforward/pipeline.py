@@ -64,6 +64,8 @@ DEFAULT_RETENTION_S = 24 * 3600.0
 # Stored bytes read per round: a few Loki batches' worth, so a round's cursor step stays small (a
 # restart re-sends at most this much) while each round still fills batches.
 ROUND_BYTES = 4 * 1024 * 1024
+# ...and at most this many records: gzip frames hold ten times the records of their stored size.
+ROUND_RECORDS = 8192
 # A 400 batch is bisected this many times to find the entries Loki refuses (at most 2**6 pieces).
 MAX_BISECT_DEPTH = 6
 
@@ -379,11 +381,13 @@ class Shipper:
                 action="skipping the rest of the segment",
             )
 
+        records = 0
         for frame in read_frames(self.spool.directory, self.cursor, on_bad=bad, stop=stop):
             frames.append(frame)
             size += frame.size
+            records += frame.header.record_count
             end = Position(segment=frame.segment, offset=frame.end)
-            if size >= self.settings.round_bytes:
+            if size >= self.settings.round_bytes or records >= ROUND_RECORDS:
                 break
         else:
             # Read to the durable end: a damaged or fully read older segment must not hold us back.
