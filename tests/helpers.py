@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import trio
 
+from fluentforward.protocol import Signal
+from fluentforward.spool import FrameHeader, Spool, SpoolSettings
 from tests.conftest import FLUENT_BIT
 
 
@@ -78,3 +81,33 @@ def feed_in_pieces(conn: Any, data: bytes, cuts: Iterable[int]) -> list[Any]:
         last = cut
     events += conn.receive_data(data[last:])
     return events
+
+
+def stored_header(tag: str, count: int, *, recv_time_ns: int = 0, chunk: str | None = None) -> FrameHeader:
+    """The header the server would store with a logs frame from 127.0.0.1."""
+    return FrameHeader(
+        recv_time_ns=recv_time_ns,
+        signal=Signal.LOGS,
+        mode="forward",
+        peer="127.0.0.1:9",
+        chunk=chunk,
+        tag=tag,
+        source_key="",
+        record_count=count,
+    )
+
+
+def fill_spool(directory: Path, frames: Iterable[tuple[str, bytes, int]], *, recv_time_ns: int = 0) -> Path:
+    """Append (tag, frame bytes, record count) frames to a spool directory, outside any event loop."""
+
+    async def write() -> None:
+        spool = Spool.open(SpoolSettings(directory=directory))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(spool.run)
+            for tag, raw, count in frames:
+                await spool.append(stored_header(tag, count, recv_time_ns=recv_time_ns), raw)
+            nursery.cancel_scope.cancel()
+        spool.close()
+
+    trio.run(write)
+    return directory

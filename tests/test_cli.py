@@ -6,42 +6,17 @@ import json
 import socket
 
 import pytest
-import trio
 from typer.testing import CliRunner
 
 from fluentforward.cli import app
-from fluentforward.protocol import Signal
-from fluentforward.spool import FrameHeader, Spool, SpoolSettings, segment_path
-from tests.helpers import capture, et, forward, message, pack
+from fluentforward.spool import segment_path
+from tests.helpers import capture, et, fill_spool, forward, message, pack
 
 runner = CliRunner()
 
 
 def _store(directory, frames):
-    """Write (tag, raw, chunk) frames into a spool directory."""
-
-    async def write():
-        spool = Spool.open(SpoolSettings(directory=directory))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(spool.run)
-            for tag, raw, count in frames:
-                await spool.append(
-                    FrameHeader(
-                        recv_time_ns=1_795_680_000 * 10**9,
-                        signal=Signal.LOGS,
-                        mode="forward",
-                        peer="127.0.0.1:9",
-                        chunk=None,
-                        tag=tag,
-                        source_key="",
-                        record_count=count,
-                    ),
-                    raw,
-                )
-            nursery.cancel_scope.cancel()
-        spool.close()
-
-    trio.run(write)
+    fill_spool(directory, frames, recv_time_ns=1_795_680_000 * 10**9)
 
 
 @pytest.fixture

@@ -5,19 +5,17 @@ from __future__ import annotations
 import time
 
 import pytest
-import trio
 from typer.testing import CliRunner
 
 from fluentforward.app import AppState
 from fluentforward.cli import app
 from fluentforward.config import ServerConfig
 from fluentforward.metrics import render, snapshot
-from fluentforward.protocol import Signal
 from fluentforward.replay import read_progress
 from fluentforward.server import ServerState
-from fluentforward.spool import FrameHeader, LatencyHistogram, Spool, SpoolSettings
+from fluentforward.spool import LatencyHistogram
 from tests.fakeloki import FakeLoki
-from tests.helpers import et, forward
+from tests.helpers import et, fill_spool, forward
 from tests.procs import ServerProcess, spool_records
 
 runner = CliRunner()
@@ -27,36 +25,15 @@ BASE = NOW - 3600
 
 def _fill(directory, count=30):
     """A spool with `count` records one second apart, spread over three frames and two tags."""
-
-    async def write():
-        spool = Spool.open(SpoolSettings(directory=directory))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(spool.run)
-            for f in range(3):
-                tag = "app.web" if f < 2 else "app.db"
-                entries = [
-                    [
-                        [et(BASE + f * 10 + i), {}],
-                        {"log": f"r{f * 10 + i}", "trace_id": f"{f * 10 + i + 1:032x}"},
-                    ]
-                    for i in range(count // 3)
-                ]
-                header = FrameHeader(
-                    recv_time_ns=0,
-                    signal=Signal.LOGS,
-                    mode="forward",
-                    peer="p",
-                    chunk=None,
-                    tag=tag,
-                    source_key="",
-                    record_count=len(entries),
-                )
-                await spool.append(header, forward(tag, entries))
-            nursery.cancel_scope.cancel()
-        spool.close()
-
-    trio.run(write)
-    return directory
+    frames = []
+    for f in range(3):
+        tag = "app.web" if f < 2 else "app.db"
+        entries = [
+            [[et(BASE + f * 10 + i), {}], {"log": f"r{f * 10 + i}", "trace_id": f"{f * 10 + i + 1:032x}"}]
+            for i in range(count // 3)
+        ]
+        frames.append((tag, forward(tag, entries), len(entries)))
+    return fill_spool(directory, frames)
 
 
 @pytest.fixture
