@@ -259,3 +259,31 @@ async def test_fsync_interval_mode(tmp_path, nursery):
     assert not s._dirty
     s.close()
     assert os.path.getsize(segment_path(tmp_path, 1)) > 8
+
+
+async def test_dedup_rebuild_reads_only_the_newest_segments(tmp_path, monkeypatch):
+    """On open, chunk ids are collected from the newest segments until the memory is full."""
+    settings = SpoolSettings(directory=tmp_path, segment_bytes=200, dedup_capacity=3)
+    s = Spool.open(settings)
+    async with trio.open_nursery() as n:
+        await n.start(s.run)
+        for i in range(12):
+            await s.append(header(f"c{i}"), bytes([i]) * 60)
+        n.cancel_scope.cancel()
+    s.close()
+    assert len(list_segments(tmp_path)) >= 6
+    frames_read = []
+    original = read_frames
+
+    def counting(directory, start=None, **kwargs):
+        for frame in original(directory, start, **kwargs):
+            frames_read.append(frame.offset)
+            yield frame
+
+    monkeypatch.setattr("fluentforward.spool._store.read_frames", counting)
+    s2 = Spool.open(settings)
+    try:
+        assert 3 <= len(frames_read) < 12  # the newest segments only, not all twelve frames
+        assert list(s2._seen) == [("t", "c9"), ("t", "c10"), ("t", "c11")]
+    finally:
+        s2.close()

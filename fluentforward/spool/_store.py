@@ -304,11 +304,30 @@ class Spool:
         )
 
     def _rebuild_dedup(self) -> None:
+        """Remember the chunk ids of the newest frames, reading segments newest first and only as many
+        as it takes to fill ``dedup_capacity`` (a large spool of small frames must not slow start-up)."""
         capacity = self.settings.dedup_capacity
-        for frame in read_frames(self._dir, verify=False, want_raw=False):
-            if frame.header.chunk is not None:
-                key = (frame.header.tag, frame.header.chunk)
-                self._seen[key] = Position(segment=frame.segment, offset=frame.offset)
+        newest_first: list[list[tuple[tuple[str, str], Position]]] = []
+        collected = 0
+        for sequence in reversed(list_segments(self._dir)):
+            found = [
+                ((frame.header.tag, frame.header.chunk), Position(segment=frame.segment, offset=frame.offset))
+                for frame in read_frames(
+                    self._dir,
+                    Position(segment=sequence, offset=len(SEGMENT_MAGIC)),
+                    verify=False,
+                    want_raw=False,
+                    stop=Position(segment=sequence, offset=2**62),
+                )
+                if frame.header.chunk is not None
+            ]
+            newest_first.append(found)
+            collected += len(found)
+            if collected >= capacity:
+                break
+        for found in reversed(newest_first):  # oldest first, so the newest ids are kept
+            for key, position in found:
+                self._seen[key] = position
                 self._seen.move_to_end(key)
                 if len(self._seen) > capacity:
                     self._seen.popitem(last=False)
