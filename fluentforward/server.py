@@ -17,6 +17,7 @@ import contextlib
 import errno
 import ipaddress
 import itertools
+import os
 import secrets
 import socket
 import stat
@@ -388,19 +389,26 @@ async def _open_unix(config: ServerConfig) -> list[trio.SocketListener]:
     path = config.listen.unix_path
     assert path is not None
     try:
-        if stat.S_ISSOCK((await trio.Path(path).stat()).st_mode):
-            await _remove_stale_socket(path)
+        if not stat.S_ISSOCK((await trio.Path(path).stat()).st_mode):
+            raise ConfigError(f"--listen unix://{path}: the path exists and is not a socket")
+        await _remove_stale_socket(path)
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise ConfigError(f"--listen unix://{path}: {exc.strerror or exc}") from exc
+    # Bound, listening and given its mode under a temporary name, then renamed into place: a client
+    # never finds a socket that refuses connections or has the wrong permissions.
+    staging = f"{path}.{os.getpid()}.tmp"
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
-        await trio.Path(path).chmod(config.unix_socket_mode)
+        await sock.bind(staging)
         sock.listen(socket.SOMAXCONN)
+        await trio.Path(staging).chmod(config.unix_socket_mode)
+        await trio.Path(staging).rename(path)
     except OSError as exc:
         sock.close()
+        with contextlib.suppress(OSError):
+            await trio.Path(staging).unlink()
         raise ConfigError(f"--listen unix://{path}: {exc.strerror or exc}") from exc
     return [trio.SocketListener(sock)]
 
