@@ -9,7 +9,6 @@ import trio
 import trio.testing
 
 from fluentforward.errors import SpoolError
-from fluentforward.protocol import Signal
 from fluentforward.spool import (
     FrameHeader,
     Position,
@@ -20,19 +19,11 @@ from fluentforward.spool import (
     read_frames,
     segment_path,
 )
+from tests.helpers import fill_spool, stored_header
 
 
 def header(chunk: str | None = None, tag: str = "t", count: int = 1) -> FrameHeader:
-    return FrameHeader(
-        recv_time_ns=123,
-        signal=Signal.LOGS,
-        mode="forward",
-        peer="127.0.0.1:5",
-        chunk=chunk,
-        tag=tag,
-        source_key="",
-        record_count=count,
-    )
+    return stored_header(tag, count, recv_time_ns=123, chunk=chunk)
 
 
 @pytest.fixture
@@ -122,16 +113,7 @@ def test_torn_tail_is_repaired(tmp_path):
     """A crash mid-write leaves a partial frame; reopening truncates it and keeps the rest."""
     settings = SpoolSettings(directory=tmp_path)
 
-    async def write():
-        s = Spool.open(settings)
-        async with trio.open_nursery() as n:
-            await n.start(s.run)
-            for i in range(3):
-                await s.append(header(f"c{i}"), b"data" * 10)
-            n.cancel_scope.cancel()
-        s.close()
-
-    trio.run(write)
+    fill_spool(tmp_path, [("t", b"data" * 10, 1)] * 3)
     seg = segment_path(tmp_path, list_segments(tmp_path)[0])
     size = seg.stat().st_size
     with seg.open("ab") as f:
@@ -146,16 +128,7 @@ def test_torn_tail_mid_frame_cut(tmp_path):
     """Cutting the last frame anywhere loses only that frame."""
     settings = SpoolSettings(directory=tmp_path)
 
-    async def write():
-        s = Spool.open(settings)
-        async with trio.open_nursery() as n:
-            await n.start(s.run)
-            await s.append(header("a"), b"first")
-            await s.append(header("b"), b"second-frame-bytes")
-            n.cancel_scope.cancel()
-        s.close()
-
-    trio.run(write)
+    fill_spool(tmp_path, [("t", b"first", 1), ("t", b"second-frame-bytes", 1)])
     seg = segment_path(tmp_path, 1)
     full = seg.read_bytes()
     first_end = list(read_frames(tmp_path))[0].end
@@ -173,18 +146,8 @@ def test_torn_tail_mid_frame_cut(tmp_path):
 
 def test_corrupt_frame_is_reported(tmp_path):
     """A checksum mismatch stops the segment's scan and names the place."""
-    settings = SpoolSettings(directory=tmp_path)
 
-    async def write():
-        s = Spool.open(settings)
-        async with trio.open_nursery() as n:
-            await n.start(s.run)
-            await s.append(header("a"), b"first")
-            await s.append(header("b"), b"second")
-            n.cancel_scope.cancel()
-        s.close()
-
-    trio.run(write)
+    fill_spool(tmp_path, [("t", b"first", 1), ("t", b"second", 1)])
     seg = segment_path(tmp_path, 1)
     data = bytearray(seg.read_bytes())
     data[20] ^= 0xFF
