@@ -32,6 +32,7 @@ import trio
 from bench.floor import decode_request
 from bench.loadgen import MODES, build_frames
 from bench.records import make_pods, make_records
+from fluentforward.app import tune_gc
 from fluentforward.ids import extract_trace_context
 from fluentforward.protocol import Entry, Mode, ServerConnection, Signal, decode_frame
 from fluentforward.records import Shaper, build_rules
@@ -142,10 +143,14 @@ def _decoded_entries(count: int) -> list[tuple[str, Any]]:
 def bench_loki(repeat: int) -> dict[str, Any]:
     """Microseconds per entry of shaping and of the protobuf and JSON push encoders (1 MiB batches)."""
     shaper = Shaper(rules=build_rules(cluster="bench"))
-    decoded = [
-        (tag, Entry(time_ns=1_714_557_600_000_000_000 + i, record=record))
-        for i, (tag, record) in enumerate(_decoded_entries(LOKI_BATCH_RECORDS))
-    ]
+    # Grouped by container, as Forward chunks arrive (one tag per chunk).
+    decoded = sorted(
+        (
+            (tag, Entry(time_ns=1_714_557_600_000_000_000 + i, record=record))
+            for i, (tag, record) in enumerate(_decoded_entries(LOKI_BATCH_RECORDS))
+        ),
+        key=lambda pair: pair[0],
+    )
     traces = [extract_trace_context(entry.record) for _, entry in decoded]
     n = len(decoded)
     shaped = [shaper.shape(tag, entry, trace) for (tag, entry), trace in zip(decoded, traces, strict=True)]
@@ -250,6 +255,9 @@ def run_micro(
     quick: bool = False, *, spool_parent: Path | None = None, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run every micro-benchmark; ``log`` gets one line per figure as it is measured."""
+    # The collector settings of a running server: with CPython's defaults, collections of the frames
+    # decoded by earlier repeats make every figure noisier and larger than the server's.
+    tune_gc()
     repeat = 3 if quick else 7
     out: dict[str, Any] = {}
     log("micro: decoder (us/record; receive = ServerConnection.receive_data, 64 KiB reads)")

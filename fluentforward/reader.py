@@ -15,10 +15,10 @@ from pathlib import Path
 import attrs
 
 from fluentforward.errors import RemoteProtocolError
-from fluentforward.protocol import DEFAULT_LIMITS, Entry, Limits, Signal, decode_frame
+from fluentforward.protocol import DEFAULT_LIMITS, Entry, EventParts, Limits, Signal, decode_frame
 from fluentforward.spool import Position, ScanEnd, StoredFrame, read_frames
 
-__all__ = ["RecordFilter", "SpooledRecord", "entries_of", "iter_records"]
+__all__ = ["RecordFilter", "SpooledRecord", "entries_of", "events_of", "iter_records"]
 
 
 @attrs.frozen(kw_only=True)
@@ -54,8 +54,9 @@ class RecordFilter:
         return self.until_ns is None or time_ns < self.until_ns
 
 
-def entries_of(frame: StoredFrame, limits: Limits = DEFAULT_LIMITS) -> list[Entry]:
-    """Decode a stored log frame into entries, adding the peer address when the server was told to.
+def events_of(frame: StoredFrame, limits: Limits = DEFAULT_LIMITS) -> list[EventParts]:
+    """Decode a stored log frame into ``(time_ns, record, metadata, group)`` events, adding the peer
+    address to each record when the server was told to (``--source-address-key``).
 
     Raises:
         RemoteProtocolError: the stored bytes are not valid Forward (only possible for a spool written
@@ -63,12 +64,21 @@ def entries_of(frame: StoredFrame, limits: Limits = DEFAULT_LIMITS) -> list[Entr
     """
     if frame.header.signal is not Signal.LOGS:
         return []
-    entries = decode_frame(frame.raw, limits).entries
+    events = decode_frame(frame.raw, limits).events
     key = frame.header.source_key
     if key:
         peer = frame.header.peer
-        entries = [attrs.evolve(entry, record={**entry.record, key: peer}) for entry in entries]
-    return entries
+        events = [(t, {**record, key: peer}, m, g) for t, record, m, g in events]
+    return events
+
+
+def entries_of(frame: StoredFrame, limits: Limits = DEFAULT_LIMITS) -> list[Entry]:
+    """``events_of`` as ``Entry`` values.
+
+    Raises:
+        RemoteProtocolError: as ``events_of``.
+    """
+    return [Entry(time_ns=t, record=r, metadata=m, group=g) for t, r, m, g in events_of(frame, limits)]
 
 
 def iter_records(

@@ -513,7 +513,8 @@ class Template:
 
     def render(self, tag: str, entry: Entry, trace: TraceContext | None = None) -> str:
         """Evaluate against one entry; ``""`` when nothing resolves. The result is valid Unicode."""
-        _, _, text = _render_function(self._alternatives)(*_roots(tag, entry, trace))
+        roots = _roots(tag, entry.record, entry.metadata, entry.group, trace)
+        _, _, text = _render_function(self._alternatives)(*roots)
         return clean_text(text or "")
 
     def _accessors(self) -> Iterator[_Accessor]:
@@ -528,14 +529,19 @@ class Template:
                         stack.append(part.alternatives)
 
 
-def _roots(tag: str, entry: Entry, trace: TraceContext | None) -> tuple[Any, ...]:
+def _roots(
+    tag: str,
+    record: dict[Any, Any],
+    metadata: dict[Any, Any],
+    group: dict[Any, Any] | None,
+    trace: TraceContext | None,
+) -> tuple[Any, ...]:
     """The arguments of a generated function: the values accessors start from, by root index."""
-    group = entry.group
     resource = group.get("resource") if isinstance(group, dict) else None
     resource = resource.get("attributes") if isinstance(resource, dict) else None
     if trace is None:
-        return (entry.record, entry.metadata, resource, group, tag, None, None)
-    return (entry.record, entry.metadata, resource, group, tag, trace.trace_id, trace.span_id)
+        return (record, metadata, resource, group, tag, None, None)
+    return (record, metadata, resource, group, tag, trace.trace_id, trace.span_id)
 
 
 # --- code generation --------------------------------------------------------------------------
@@ -674,6 +680,7 @@ def _compile(
     labels: tuple[tuple[str, Template], ...],
     metadata: tuple[tuple[str, Template], ...],
     extra: _Alternatives | None,
+    text: Callable[[Any], str] = _value_text,
 ) -> _Fields:
     """Generate ``fields(r0..r6) -> (labels, structured metadata, raw extra)`` for a rule set.
 
@@ -715,7 +722,7 @@ def _compile(
     namespace: dict[str, Any] = {
         "_UNSET": _UNSET,
         "_step": _step,
-        "_text": _value_text,
+        "_text": text,
         "_clean": clean_text,
         "_label_value": _label_value,
     }
@@ -731,6 +738,117 @@ def _compile(
 @functools.lru_cache(maxsize=64)
 def _render_function(alternatives: _Alternatives) -> _Fields:
     return _compile((), (), alternatives)
+
+
+# --- memoized stream fields -------------------------------------------------------------------
+
+# The values a rule set reads (the ``kubernetes`` map, the OTLP resource) are the same for every record
+# of a container, and a Forward chunk holds one container's records. So labels, tenant and every
+# structured metadata entry but the trace ids are computed once per run of equal inputs: the shaper
+# compares the inputs with the previous record's (one C-level ``==``) and reuses the result, including
+# the labels tuple itself, which the encoders then group by identity.
+#
+# ``==`` is trusted only where equal means identical for rendering: inputs made of str, bytes, None,
+# dicts with str/bytes keys and lists (``1 == True == 1.0`` would render differently, and
+# ``{1: x} == {True: x}``), and no template rendering a map or array as JSON (key order is not part of
+# ``==``). Anything else takes the full path, whose result the memoized one always equals.
+
+# Inputs with more containers than this are not memoized: the plain check walks them once per miss.
+MEMO_MAX_NODES = 4096
+_TRACE_ROOTS = frozenset({_TRACE_ID, _SPAN_ID})
+# Normalized ids: 32 and 16 hex characters (fluentforward.ids), so their metadata size is known.
+_ID_LENGTHS = {_TRACE_ID: 32, _SPAN_ID: 16}
+
+
+class _RendersContainerError(Exception):
+    """A memoized template met a map or array (rendered as JSON, whose key order ``==`` ignores)."""
+
+
+def _memo_text(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)) and value:
+        raise _RendersContainerError
+    return _value_text(value)
+
+
+def _is_plain(value: Any) -> bool:
+    """True when ``value == other`` implies both render the same (see the comment above)."""
+    stack = [value]
+    budget = MEMO_MAX_NODES
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str or kind is bytes or item is None:
+            continue
+        budget -= 1
+        if budget < 0:
+            return False
+        if kind is dict:
+            for key, member in item.items():
+                if type(key) is not str and type(key) is not bytes:
+                    return False
+                stack.append(member)
+        elif kind is list or kind is tuple:
+            stack.extend(item)
+        else:
+            return False
+    return True
+
+
+@attrs.frozen(kw_only=True)
+class _MemoPlan:
+    """How a rule set is memoized: the inputs that key it and the trace-id entries added per record."""
+
+    key: Callable[[dict[Any, Any], dict[Any, Any], Any, str], tuple[Any, ...]]
+    # (metadata name, root) of the leading structured metadata entries that are just $trace_id/$span_id.
+    trace_slots: tuple[tuple[str, int], ...]
+    # The most bytes the trace slots can add (names plus normalized ids).
+    trace_bytes: int
+    fields: _Fields
+
+
+def _memo_plan(
+    labels: tuple[tuple[str, Template], ...],
+    metadata: tuple[tuple[str, Template], ...],
+    tenant: Template | None,
+) -> _MemoPlan | None:
+    """Split a rule set into per-stream fields and per-record trace ids; None if it cannot be."""
+    slots: list[tuple[str, int]] = []
+    rest = list(metadata)
+    while rest:
+        parts = rest[0][1]._alternatives
+        accessor = parts[0][0] if len(parts) == 1 and len(parts[0]) == 1 else None
+        if not isinstance(accessor, _Accessor) or accessor.root not in _TRACE_ROOTS:
+            break
+        slots.append((rest.pop(0)[0], accessor.root))
+    templates = [t for _, t in labels] + [t for _, t in rest] + ([tenant] if tenant else [])
+    record_keys: dict[str | bytes, None] = {}
+    roots: set[int] = set()
+    for template in templates:
+        for accessor in template._accessors():
+            if accessor.root in _TRACE_ROOTS or (accessor.root == _RECORD and not accessor.steps):
+                return None  # per-record by nature: nothing to share between records
+            roots.add(accessor.root)
+            if accessor.root == _RECORD:
+                key, alt = accessor.steps[0]
+                if not isinstance(key, str):
+                    return None
+                record_keys[key] = None
+                if alt is not None:
+                    record_keys[alt] = None
+    inputs = [f"get({key!r})" for key in record_keys]
+    inputs += ["metadata"] if _METADATA in roots else []
+    inputs += ["group"] if roots & {_GROUP, _RESOURCE} else []
+    inputs += ["tag"] if _TAG in roots else []
+    source = "def key(record, metadata, group, tag):\n    get = record.get\n"
+    source += f"    return ({', '.join(inputs)}{',' if inputs else ''})\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<fluentforward.records memo key>", "exec"), namespace)  # noqa: S102 - reprs only
+    return _MemoPlan(
+        key=namespace["key"],
+        trace_slots=tuple(slots),
+        trace_bytes=sum(len(name.encode()) + _ID_LENGTHS[root] for name, root in slots),
+        fields=_compile(labels, tuple(rest), None if tenant is None else tenant._alternatives, _memo_text),
+    )
 
 
 # --- rules ------------------------------------------------------------------------------------
@@ -765,6 +883,15 @@ class ShapeRules:
                 rules.structured_metadata,
                 None if rules.tenant is None else rules.tenant._alternatives,
             ),
+            takes_self=True,
+        ),
+    )
+    _memo: _MemoPlan | None = attrs.field(
+        init=False,
+        eq=False,
+        repr=False,
+        default=attrs.Factory(
+            lambda rules: _memo_plan(rules.labels, rules.structured_metadata, rules.tenant),
             takes_self=True,
         ),
     )
@@ -955,11 +1082,27 @@ def _kv_line(payload: Mapping[Any, Any]) -> str:
     return " ".join(pairs)
 
 
+@attrs.define
+class _Memo:
+    """The last memoized inputs and what they gave (see ``_MemoPlan``)."""
+
+    key: Any = _UNSET
+    labels: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+    metadata_bytes: int = 0
+    tenant: str | None = None
+
+
 @attrs.frozen(kw_only=True)
 class Shaper:
-    """Applies one ``ShapeRules`` to entries; immutable, safe to share between tasks."""
+    """Applies one ``ShapeRules`` to entries.
+
+    It remembers the inputs of the last record it shaped (see ``_MemoPlan``), which changes no result:
+    share one between trio tasks freely, but give each thread its own.
+    """
 
     rules: ShapeRules
+    _memo: _Memo = attrs.field(init=False, factory=_Memo, eq=False, repr=False)
 
     def shape(self, tag: str, entry: Entry, trace: TraceContext | None = None) -> LokiEntry:
         """Build the Loki entry for one decoded event; never raises for any decoded input.
@@ -972,16 +1115,73 @@ class Shaper:
         Returns:
             A ``LokiEntry`` whose strings are all valid Unicode and within Loki's limits.
         """
-        rules = self.rules
-        labels, metadata, tenant = rules._fields(*_roots(tag, entry, trace))
+        return self.shape_event(tag, entry.time_ns, entry.record, entry.metadata, entry.group, trace)
+
+    def shape_event(
+        self,
+        tag: str,
+        time_ns: int,
+        record: dict[Any, Any],
+        metadata: dict[Any, Any],
+        group: dict[Any, Any] | None,
+        trace: TraceContext | None,
+    ) -> LokiEntry:
+        """``shape`` for an event given as its parts (the shipper's hot path builds no ``Entry``)."""
+        plan = self.rules._memo
+        if plan is not None:
+            memo = self._memo
+            key = plan.key(record, metadata, group, tag)
+            if key != memo.key and not self._remember(plan, key, record, metadata, group, tag):
+                return self._shape_fully(time_ns, record, _roots(tag, record, metadata, group, trace))
+            if trace is None:
+                return LokiEntry(memo.labels, time_ns, self._line(record), memo.metadata, memo.tenant)
+            if memo.metadata_bytes + plan.trace_bytes <= MAX_STRUCTURED_METADATA_BYTES:
+                found: list[tuple[str, str]] = []
+                for name, root in plan.trace_slots:
+                    value = trace.trace_id if root == _TRACE_ID else trace.span_id
+                    if value:
+                        found.append((name, value))
+                return LokiEntry(
+                    memo.labels, time_ns, self._line(record), (*found, *memo.metadata), memo.tenant
+                )
+        return self._shape_fully(time_ns, record, _roots(tag, record, metadata, group, trace))
+
+    def _remember(
+        self,
+        plan: _MemoPlan,
+        key: tuple[Any, ...],
+        record: dict[Any, Any],
+        metadata: dict[Any, Any],
+        group: dict[Any, Any] | None,
+        tag: str,
+    ) -> bool:
+        """Compute and keep the per-stream fields for ``key``; False if it must not be memoized."""
+        memo = self._memo
+        memo.key = _UNSET
+        if not _is_plain(key):
+            return False
+        try:
+            labels, metadata_pairs, tenant = plan.fields(*_roots(tag, record, metadata, group, None))
+        except _RendersContainerError:
+            return False
+        memo.labels = tuple(labels) if labels else (FALLBACK_LABEL,)
+        memo.metadata = tuple(metadata_pairs)
+        memo.metadata_bytes = sum(len(n.encode()) + len(v.encode()) for n, v in metadata_pairs)
+        memo.tenant = None if tenant is None else (_clean_tenant(tenant) or None)
+        memo.key = key
+        return True
+
+    def _shape_fully(self, time_ns: int, record: dict[Any, Any], roots: tuple[Any, ...]) -> LokiEntry:
+        """Evaluate every template for this record (``roots``: see ``_roots``)."""
+        labels, metadata_pairs, tenant = self.rules._fields(*roots)
         if tenant is not None:
             tenant = _clean_tenant(tenant) or None
         return LokiEntry(
-            labels=tuple(labels) if labels else (FALLBACK_LABEL,),
-            time_ns=entry.time_ns,
-            line=self._line(entry.record),
-            structured_metadata=tuple(metadata),
-            tenant=tenant,
+            tuple(labels) if labels else (FALLBACK_LABEL,),
+            time_ns,
+            self._line(record),
+            tuple(metadata_pairs),
+            tenant,
         )
 
     def _line(self, record: dict[Any, Any]) -> str:

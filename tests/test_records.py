@@ -30,6 +30,7 @@ from fluentforward.records import (
     Shaper,
     Template,
     _Group,
+    _roots,
     build_rules,
     clean_text,
     jsonable,
@@ -821,3 +822,95 @@ def test_generated_code_matches_reference(entry: Entry, sources: list[str]) -> N
     assert dict(out.structured_metadata) == metadata
     if all(expected.values()):
         assert out.tenant is not None
+
+
+# --- memoized stream fields ---------------------------------------------------------------------
+
+# Values that compare equal across types (1 == True == 1.0, 0.0 == -0.0) or differ only in key order:
+# exactly what a memo keyed on == could confuse.
+tricky_scalars = st.sampled_from([1, True, 1.0, 0, False, 0.0, -0.0, "1", b"1", "", None])
+tricky_maps = st.recursive(
+    tricky_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=2),
+        st.lists(st.tuples(st.sampled_from(["a", "b", b"a", 1, True]), inner), max_size=3).map(dict),
+    ),
+    max_leaves=6,
+)
+
+
+@given(
+    pool=st.lists(tricky_maps, min_size=1, max_size=3),
+    picks=st.lists(st.integers(0, 2), min_size=1, max_size=6),
+    traces=st.lists(st.booleans(), min_size=6, max_size=6),
+    tenant=st.sampled_from([None, "$kubernetes['a']", "$tag"]),
+)
+def test_memoized_shaping_equals_full_shaping(
+    pool: list[Any], picks: list[int], traces: list[bool], tenant: str | None
+) -> None:
+    """Shaping records in sequence (reusing the previous record's fields) gives what shaping each alone gives."""
+    rules = build_rules(
+        labels={"a": "$kubernetes['a']", "b": "$kubernetes['b'] | $kubernetes", "c": "$tag"},
+        structured_metadata={"whole": "$kubernetes['a'][0]", "grp": "$resource['a']"},
+        tenant=tenant,
+    )
+    shaper = Shaper(rules=rules)
+    for index, pick in enumerate(picks):
+        kubernetes = copy.deepcopy(pool[pick % len(pool)])
+        entry = Entry(time_ns=index, record={"log": "x", "kubernetes": kubernetes})
+        trace = TRACE if traces[index] else None
+        roots = ("t", entry.record, {}, None, trace)
+        expected = Shaper(rules=rules)._shape_fully(entry.time_ns, entry.record, _roots(*roots))
+        assert shaper.shape("t", entry, trace) == expected
+
+
+class TestMemo:
+    def test_equal_streams_share_one_labels_tuple(self) -> None:
+        """Consecutive records of one container get the same labels object (the encoders group by identity)."""
+        shaper = Shaper(rules=build_rules())
+        first = shaper.shape("t", Entry(time_ns=1, record=k8s_record()), TRACE)
+        second = shaper.shape("t", Entry(time_ns=2, record=k8s_record()), None)
+        assert first.labels is second.labels
+        assert dict(first.structured_metadata)["trace_id"] == TRACE.trace_id
+        assert "trace_id" not in dict(second.structured_metadata)
+        assert dict(second.structured_metadata)["pod"] == "checkout-7d9f8b6c5d-x2x9q"
+
+    def test_int_and_bool_values_are_not_confused(self) -> None:
+        """A label read from 1 and then from True renders 1 then true, though 1 == True."""
+        shaper = Shaper(rules=build_rules(labels={"v": "$kubernetes['v']"}))
+        values = [1, True, 1.0, True]
+        got = [
+            dict(shaper.shape("t", Entry(time_ns=0, record={"kubernetes": {"v": v}})).labels)["v"]
+            for v in values
+        ]
+        assert got == ["1", "true", "1.0", "true"]
+
+    def test_map_label_follows_each_records_key_order(self) -> None:
+        """A label rendering a whole map as JSON keeps each record's own key order."""
+        shaper = Shaper(rules=build_rules(labels={"m": "$kubernetes['labels']"}))
+        orders = [{"a": "1", "b": "2"}, {"b": "2", "a": "1"}]
+        got = [
+            dict(shaper.shape("t", Entry(time_ns=0, record=k8s_record(**labels))).labels)["m"]
+            for labels in orders
+        ]
+        assert got == ['{"a":"1","b":"2"}', '{"b":"2","a":"1"}']
+
+    def test_trace_ids_near_the_metadata_budget_take_the_full_path(self) -> None:
+        """When the shared metadata fills Loki's budget, the trace ids still come first and others are dropped."""
+        big = "x" * (MAX_STRUCTURED_METADATA_BYTES - 20)
+        rules = build_rules(structured_metadata={"big": "$kubernetes['big']"})
+        shaper = Shaper(rules=rules)
+        record = {"log": "x", "kubernetes": {"big": big}}
+        without = shaper.shape("t", Entry(time_ns=0, record=record), None)
+        with_ids = shaper.shape("t", Entry(time_ns=0, record=record), TRACE)
+        assert dict(without.structured_metadata)["big"] == big
+        assert [name for name, _ in with_ids.structured_metadata] == ["trace_id", "span_id"]
+
+    def test_whole_record_templates_are_not_memoized(self) -> None:
+        """A template reading the whole record is evaluated for every record."""
+        shaper = Shaper(rules=build_rules(structured_metadata={"r": "$record['log']", "all": "$record"}))
+        lines = [
+            dict(shaper.shape("t", Entry(time_ns=0, record={"log": text})).structured_metadata)["r"]
+            for text in "ab"
+        ]
+        assert lines == ["a", "b"]

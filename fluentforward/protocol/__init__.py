@@ -10,6 +10,7 @@ from fluentforward.protocol._auth import SharedKeyAuth
 from fluentforward.protocol._connection import ServerConnection, State
 from fluentforward.protocol._decode import (
     DecodedFrame,
+    EventParts,
     Mode,
     RequestInfo,
     decode_frame,
@@ -35,6 +36,7 @@ __all__ = [
     "EntriesReceived",
     "Entry",
     "Event",
+    "EventParts",
     "HandshakeCompleted",
     "HandshakeFailed",
     "Heartbeat",

@@ -47,6 +47,7 @@ __all__ = [
     "GROUP_END",
     "GROUP_START",
     "DecodedFrame",
+    "EventParts",
     "Mode",
     "RequestInfo",
     "decode_frame",
@@ -58,6 +59,9 @@ __all__ = [
 MAX_CHUNK_BYTES = 1024
 # Counts above this in `size` (metrics frames only) are not counts; the spool stores 32 bits.
 MAX_RECORD_COUNT = 2**32 - 1
+
+# One log event on the delivery path: (time_ns, record, metadata map, OTLP group record or None).
+EventParts = tuple[int, dict[Any, Any], dict[Any, Any], dict[Any, Any] | None]
 
 GROUP_START = -1  # time_ns sentinel of a Fluent Bit OTLP group-start marker
 GROUP_END = -2  # time_ns sentinel of a group-end marker
@@ -141,13 +145,24 @@ class RequestInfo:
 
 @attrs.frozen(kw_only=True)
 class DecodedFrame:
-    """A stored frame decoded for delivery. Group markers are consumed, never returned as entries."""
+    """A stored frame decoded for delivery. Group markers are consumed, never returned as entries.
+
+    Attributes:
+        events: each log event as a plain ``(time_ns, record, metadata, group)`` tuple (metadata
+            ``{}`` when the entry has none, group None outside an OTLP group): the shipper's hot path
+            reads these; ``entries`` builds the ``Entry`` values from them.
+    """
 
     tag: str
     mode: str
     signal: Signal
-    entries: list[Entry]
+    events: list[EventParts]
     chunk: str | None
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The events as ``Entry`` values (built on each access)."""
+        return [Entry(time_ns=t, record=r, metadata=m, group=g) for t, r, m, g in self.events]
 
 
 def _text(value: bytes | str) -> str:
@@ -475,19 +490,17 @@ def validate_request(request: Any, where: int, limits: Limits = DEFAULT_LIMITS) 
     return RequestInfo(tag=tag, mode=mode, signal=options.signal, record_count=count, chunk=options.chunk)
 
 
-def _entries_with_groups(raw_entries: list[Any], where: int) -> list[Entry]:
-    entries: list[Entry] = []
+def _events_with_groups(raw_entries: list[Any], where: int) -> list[EventParts]:
+    events: list[EventParts] = []
+    append = events.append
     group: dict[Any, Any] | None = None
     for index, raw_entry in enumerate(raw_entries):
         time_ns, metadata, record = _split_entry(raw_entry, where, index)
-        if time_ns == GROUP_START:
-            group = record
+        if time_ns < 0:
+            group = record if time_ns == GROUP_START else None
             continue
-        if time_ns == GROUP_END:
-            group = None
-            continue
-        entries.append(Entry(time_ns=time_ns, record=record, metadata=metadata or {}, group=group))
-    return entries
+        append((time_ns, record, metadata or {}, group))
+    return events
 
 
 def decode_frame(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedFrame:
@@ -508,14 +521,14 @@ def decode_frame(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedFrame:
         raise RemoteProtocolError(f"frame is not one msgpack object: {type(exc).__name__}", offset=0) from exc
     tag, mode, options = _head(request, 0, limits)
     if options.signal is not Signal.LOGS:
-        return DecodedFrame(tag=tag, mode=mode, signal=options.signal, entries=[], chunk=options.chunk)
+        return DecodedFrame(tag=tag, mode=mode, signal=options.signal, events=[], chunk=options.chunk)
     if mode == Mode.MESSAGE:
         time_ns = _time_ns(request[1], 0, 0)
         record = request[2]
         if type(record) is not dict:
             raise RemoteProtocolError(f"record is {_kind(record)}, not a map", offset=0)
-        entry = Entry(time_ns=max(time_ns, 0), record=record, metadata=options.metadata or {})
-        return DecodedFrame(tag=tag, mode=mode, signal=options.signal, entries=[entry], chunk=options.chunk)
+        event = (max(time_ns, 0), record, options.metadata or {}, None)
+        return DecodedFrame(tag=tag, mode=mode, signal=options.signal, events=[event], chunk=options.chunk)
     if mode == Mode.FORWARD:
         raw_entries = request[1]
     else:
@@ -524,7 +537,7 @@ def decode_frame(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedFrame:
         tag=tag,
         mode=mode,
         signal=options.signal,
-        entries=_entries_with_groups(raw_entries, 0),
+        events=_events_with_groups(raw_entries, 0),
         chunk=options.chunk,
     )
 

@@ -6,14 +6,16 @@ metadata). Shaping is pure code in ``fluentforward.records``; sinks only batch, 
 
 from __future__ import annotations
 
-import attrs
+from typing import NamedTuple
 
 __all__ = ["LokiEntry"]
 
 
-@attrs.frozen(kw_only=True)
-class LokiEntry:
-    """One log line on its way to Loki.
+class LokiEntry(NamedTuple):
+    """One log line on its way to Loki (an immutable value).
+
+    A named tuple rather than an attrs class: one is built for every record delivered, and a tuple
+    is built in a third of the time of a frozen attrs instance (``python -m bench.micro``).
 
     Attributes:
         labels: the stream's index labels as (name, value) pairs, sorted by name, names valid for Loki.

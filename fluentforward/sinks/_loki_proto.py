@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import bisect
+import collections
 import enum
 import itertools
 import operator
@@ -117,6 +118,11 @@ def _varint(value: int) -> bytes:
             + _VARINT[value >> (2 * _GROUP_BITS)]
         )
     return _varint_slow(value)
+
+
+# A metadata name whose (name, value) pairs missed the per-body cache this often holds per-record
+# values: caching them only costs a dict insertion each.
+_PAIR_MISSES = 64
 
 
 def _scrub(text: str) -> str:
@@ -239,6 +245,8 @@ def encode_push_protobuf(entries: Sequence[LokiEntry]) -> EncodedPush:
     # (trace_id) the encoded prefix up to the value depends only on the name and the value length.
     pair_cache: dict[tuple[str, str], bytes] = {}
     prefix_cache: dict[tuple[str, int], bytes] = {}
+    # Names whose values missed the pair cache repeatedly (trace_id, span_id) stop filling it.
+    misses: dict[str, int] = collections.defaultdict(int)
     for labels, members in groups.items():
         selector = _utf8(render_selector(labels))
         stream: list[bytes] = [b"\x0a", _varint(len(selector)), selector]
@@ -256,7 +264,16 @@ def encode_push_protobuf(entries: Sequence[LokiEntry]) -> EncodedPush:
                     last_s = seconds
                     # int64 seconds: a negative value is its 64-bit two's complement.
                     seconds_field = b"\x08" + _varint(seconds & _UINT64_MASK) if seconds else b""
-                ts_body = seconds_field + b"\x10" + _varint(nanos) if nanos else seconds_field
+                if nanos >= _GROUP << _GROUP_BITS:  # most nanos need 30 bits: three groups, inlined
+                    ts_body = (
+                        seconds_field
+                        + b"\x10"
+                        + _VARINT_LOW[nanos & _GROUP_MASK]
+                        + _VARINT_LOW[(nanos >> _GROUP_BITS) & _GROUP_MASK]
+                        + _VARINT[nanos >> (2 * _GROUP_BITS)]
+                    )
+                else:
+                    ts_body = seconds_field + b"\x10" + _varint(nanos) if nanos else seconds_field
                 ts_field = b"\x0a" + _VARINT[len(ts_body)] + ts_body
             try:
                 line = entry.line.encode()
@@ -275,14 +292,18 @@ def encode_push_protobuf(entries: Sequence[LokiEntry]) -> EncodedPush:
                             value = pair[1].encode()
                         except UnicodeEncodeError:
                             value = _utf8(pair[1])
-                        key = (pair[0], len(value))
+                        name = pair[0]
+                        key = (name, len(value))
                         prefix = prefix_cache.get(key)
                         if prefix is None:
                             prefix = prefix_cache[key] = _metadata_prefix(*key)
-                        encoded = pair_cache[pair] = prefix + value
+                        encoded = prefix + value
+                        if misses[name] < _PAIR_MISSES:
+                            misses[name] += 1
+                            pair_cache[pair] = encoded
                     parts.append(encoded)
                     body_len += len(encoded)
-                body_len_bytes = _varint(body_len)
+                body_len_bytes = _VARINT[body_len] if body_len < _GROUP else _varint(body_len)
                 push((b"\x12", body_len_bytes))
                 push(parts)
             else:
