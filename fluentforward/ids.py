@@ -13,6 +13,9 @@ Invariants:
   (the module constants below), so a hostile record costs little.
 - ``TraceContext.source`` is one of a fixed set of labels per ``IdRules`` (``IdRules.sources``), so it
   is safe as a metrics label. It never echoes a key from the record.
+- Each ``IdRules`` keeps bounded caches (what each key means, and a plan per shape of record: see
+  _plan), holding only short str and bytes keys. They save work and never change a result: the
+  fast paths they enable give what the key-by-key reading gives (tested value by value).
 
 Decoded records follow the convention of ``fluentforward.protocol``: msgpack ``str`` is ``str``
 (invalid UTF-8 as lone surrogates), msgpack ``bin`` is ``bytes``, and map keys are ``str`` or ``bytes``.
@@ -24,7 +27,7 @@ import base64
 import operator
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import unquote
 
 import attrs
@@ -50,6 +53,14 @@ MAX_KEY_CHARS: Final = 128
 # Entries in each per-rules key cache. Keys repeat across records (same app, same schema), so a
 # few thousand cover real traffic; records with random keys only make the cache restart.
 KEY_CACHE_MAX: Final = 4096
+# Entries in each per-rules plan cache (a plan: what the keys of a map, in their order, say about
+# ids). Each app writes a handful of record shapes, so a few hundred cover a node; random shapes only
+# make the cache restart. With PLAN_MAX_KEYS it bounds the memory the cache holds: at most
+# PLAN_CACHE_MAX * PLAN_MAX_KEYS keys of at most MAX_KEY_CHARS characters (about 4 MB if ASCII).
+PLAN_CACHE_MAX: Final = 512
+# Maps with more keys than this are read key by key, without a plan: a plan costs a tuple of the
+# keys, and real records have a few dozen keys at most.
+PLAN_MAX_KEYS: Final = 48
 # How deep nested maps are followed. `{"dd": {...}}` and `{"trace": {"id": ...}}` need 1.
 MAX_NESTING: Final = 3
 # Only the head of a text line is scanned: formatted lines put ids in their prefix, and a
@@ -71,9 +82,12 @@ _METADATA_PREFIX: Final = "metadata:"
 _OTLP_KEYS: Final = ("otlp", b"otlp")
 
 
-@attrs.frozen(kw_only=True)
-class TraceContext:
-    """A normalized trace context found in a record.
+class TraceContext(NamedTuple):
+    """A normalized trace context found in a record (an immutable value).
+
+    A named tuple rather than an attrs class: the shipper builds one for most records, and a tuple
+    costs half of a frozen attrs instance (whose ``__init__`` sets each slot through
+    ``object.__setattr__``).
 
     Attributes:
         trace_id: 32 lowercase hex characters, never all zero.
@@ -88,14 +102,7 @@ class TraceContext:
     source: str
 
 
-# TraceContext's attrs __init__ sets each slot through object.__setattr__, which costs about 1 us
-# here: half the per-record budget. _resolve sets the slots through their descriptors instead,
-# for a third of that; the object is equal in every way (tested), and TraceContext has no
-# validators or converters to skip.
-_new_object = object.__new__
-_set_trace_id = TraceContext.__dict__["trace_id"].__set__
-_set_span_id = TraceContext.__dict__["span_id"].__set__
-_set_source = TraceContext.__dict__["source"].__set__
+_new_tuple = tuple.__new__
 
 
 # --- Single values -------------------------------------------------------------------------------
@@ -124,24 +131,24 @@ _GCP_RESOURCE = re.compile(r"projects/[^/]{1,100}/traces/([0-9a-fA-F]{1,32})")
 _Pair = tuple[str, str | None]
 
 
-def _trace_hex(text: str) -> str | None:
-    # Callers pass 1-32 hex characters; W3C: shorter ids are left-padded with zeros.
-    trace = text.lower().zfill(32)
-    return None if trace == _ZERO_TRACE else trace
-
-
 def _span_hex(text: str) -> str | None:
     span = text.lower().zfill(16)
     return None if span == _ZERO_SPAN else span
 
 
 def _pair(trace_text: str, span_text: str | None) -> _Pair | None:
-    """Validate the two hex parts of one value; a bad span rejects both (W3C: ignore the header)."""
-    trace = _trace_hex(trace_text)
-    if trace is None or span_text is None:
-        return None if trace is None else (trace, None)
-    span = _span_hex(span_text) if _HEX_SPAN.fullmatch(span_text) else None
-    return None if span is None else (trace, span)
+    """The two hex parts of one value (1-32 and 1-16 hex characters, checked by the caller).
+
+    W3C: shorter ids are left-padded with zeros; an all-zero span rejects the whole value (the
+    header is ignored), as does an all-zero trace.
+    """
+    trace = trace_text.lower().zfill(32)
+    if trace == _ZERO_TRACE:
+        return None
+    if span_text is None:
+        return trace, None
+    span = span_text.lower().zfill(16)
+    return None if span == _ZERO_SPAN else (trace, span)
 
 
 def _u64(value: object) -> int | None:
@@ -211,6 +218,8 @@ def _xray(text: str) -> _Pair | None:
                 root = value.strip()
             elif name == "parent":
                 parent = value.strip()
+    if parent is not None and not _HEX_SPAN.fullmatch(parent):
+        return None  # a bad span rejects the whole header
     match = _XRAY_ROOT.fullmatch(root)
     return None if match is None else _pair(match[1] + match[2], parent)
 
@@ -391,6 +400,17 @@ DEFAULT_SPAN_FIELDS: Final = (
 DEFAULT_MESSAGE_FIELDS: Final = ("log", "message", "msg")
 
 
+# Text scanning (_scan_text) finds keys where these words are, in the spellings _TEXT_ID accepts,
+# after one of these prefixes (as canonical names spell them: `dd.` and `dd_` are `dd`). IdRules
+# maps each spelling to its rule per prefix, once.
+_KEY_WORDS: Final = ("trace", "span")
+_TEXT_SPELLINGS: Final = (
+    "traceparent",
+    *(f"{word}{sep}id" for word in _KEY_WORDS for sep in ("", "_", ".", "-")),
+)
+_TEXT_PREFIXES: Final = ("", "dd", "otel")
+
+
 def _names(value: Iterable[str]) -> tuple[str, ...]:
     if isinstance(value, str):  # a bare string would otherwise become a tuple of letters
         raise ConfigError(f"expected a list of field names, got the string {value!r}")
@@ -408,6 +428,10 @@ def _canonical(name: object) -> str | None:
         name = name.decode("latin-1")  # never fails; non-ASCII names match nothing anyway
     if not isinstance(name, str) or len(name) > MAX_KEY_CHARS:
         return None
+    return _canonical_str(name)
+
+
+def _canonical_str(name: str) -> str:
     return name.replace("_", "").replace("-", "").replace(".", "").lower()
 
 
@@ -464,9 +488,16 @@ class IdRules:
     _by_name: dict[str, _Rule] = attrs.field(init=False, eq=False, repr=False)
     _prefixes: frozenset[str] = attrs.field(init=False, eq=False, repr=False)
     _sources: frozenset[str] = attrs.field(init=False, eq=False, repr=False)
-    # Bounded caches, raw key -> classification: keys repeat across records, and a dict lookup
-    # is far cheaper than canonicalizing every key of every record.
-    _top: dict[Any, _Rule | str | None] = attrs.field(init=False, eq=False, repr=False)
+    # Bounded caches of top-level keys: keys repeat across records, and a set or dict lookup is
+    # far cheaper than canonicalizing every key of every record. `_skip` holds the keys that can
+    # never lead to an id (nearly all of them: one `in` each), `_top` the others with their rule,
+    # or the prefix to descend with when their value is a nested map.
+    _skip: set[Any] = attrs.field(init=False, eq=False, repr=False)
+    _top: dict[Any, _Rule | str] = attrs.field(init=False, eq=False, repr=False)
+    # Bounded cache, a map's keys in order -> its plan (see _plan).
+    _plans: dict[tuple[Any, ...], _Plan | None] = attrs.field(init=False, eq=False, repr=False)
+    # For text scanning, per prefix in _TEXT_PREFIXES: key spelling -> rule (id fields only).
+    _text_rules: tuple[dict[str, _Rule], ...] = attrs.field(init=False, eq=False, repr=False)
     _canon: dict[Any, str | None] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -520,6 +551,21 @@ class IdRules:
                 [SOURCE_LOG_JSON, SOURCE_LOG_TEXT, SOURCE_METADATA_OTLP]
                 + [rule.label for rule in traces]
                 + [rule.metadata_label for rule in traces]
+            ),
+        )
+        set_(self, "_skip", set())
+        set_(self, "_plans", {})
+        set_(
+            self,
+            "_text_rules",
+            tuple(
+                {
+                    spelling: rule
+                    for spelling in _TEXT_SPELLINGS
+                    if (rule := by_name.get(prefix + _canonical_str(spelling))) is not None
+                    and rule.kind != _K_MESSAGE
+                }
+                for prefix in _TEXT_PREFIXES
             ),
         )
         set_(self, "_top", {})
@@ -583,10 +629,15 @@ _by_priority = operator.itemgetter(0)
 _MISS: Any = object()
 
 
+def _cacheable(key: object) -> bool:
+    # Only short str and bytes keys are cached: other keys (ints, floats, NaN) repeat rarely, a
+    # NaN key would never hit, and a long key would hold memory (no id name is long anyway).
+    return (type(key) is str or type(key) is bytes) and len(key) <= MAX_KEY_CHARS
+
+
 def _remember(cache: dict[Any, Any], key: object, value: object) -> None:
-    # Only str and bytes keys are cached: other keys (ints, floats, NaN) repeat rarely, and a
-    # NaN key would never hit. The cache restarts when full instead of growing.
-    if type(key) is str or type(key) is bytes:
+    # The cache restarts when full instead of growing.
+    if _cacheable(key):
         if len(cache) >= KEY_CACHE_MAX:
             cache.clear()
         cache[key] = value
@@ -600,14 +651,20 @@ def _classify(rules: IdRules, key: object) -> _Rule | str | None:
         info = rules._by_name.get(canon)
         if info is None and canon in rules._prefixes:
             info = canon
-    _remember(rules._top, key, info)
+    if info is not None:
+        _remember(rules._top, key, info)
+    elif _cacheable(key):  # as _remember does, for the set
+        skip = rules._skip
+        if len(skip) >= KEY_CACHE_MAX:
+            skip.clear()
+        skip.add(key)
     return info
 
 
 def _scan(
     rules: IdRules, mapping: Mapping[Any, Any], prefix: str, depth: int, found: list[_Candidate]
 ) -> None:
-    """Collect the candidates of a nested map (or of a JSON object / metadata map at depth 0)."""
+    """Collect the candidates of a map nested under ``prefix`` (depth 1 and deeper)."""
     by_name, canon_cache = rules._by_name, rules._canon
     for key, value in mapping.items():
         canon = canon_cache.get(key, _MISS)
@@ -625,17 +682,173 @@ def _scan(
             _scan(rules, value, name, depth + 1, found)
 
 
+def _collect(
+    rules: IdRules, mapping: Mapping[Any, Any], found: list[_Candidate], messages: list[Any] | None
+) -> None:
+    """Collect a map's candidates key by key: its fields, and its nested maps through _scan.
+
+    The keys of the message fields go to ``messages``, or nowhere when it is None (in a JSON
+    object or in metadata a message field is not a candidate).
+    """
+    skip, top = rules._skip, rules._top
+    for key in mapping:
+        if key in skip:
+            continue  # the common case: a known key that can never lead to an id
+        info = top.get(key)
+        if info is None and (info := _classify(rules, key)) is None:
+            continue
+        if isinstance(info, str):
+            value = mapping[key]
+            if isinstance(value, Mapping):
+                _scan(rules, value, info, 1, found)
+        elif info.kind != _K_MESSAGE:
+            found.append((info.priority, info, mapping[key]))
+        elif messages is not None:
+            messages.append(key)
+
+
+# A plan says, for the keys of a map in their order, where ids can be: the fields as
+# (priority, rule, key) sorted as _resolve sorts candidates, and the message keys in map order. It
+# depends on the keys alone, so it is computed once per shape of record and replaces the per-key
+# loop by one tuple and one dict lookup. A map with a key that leads to nested maps has no plan
+# (None): its candidates depend on the values.
+#
+# `fast` is set when the first field (the one _resolve tries first) has a common spelling that
+# settles the answer alone (_fast_context): a trace id field with the first span id field after it,
+# both canonical hex; a Datadog trace id field with the first Datadog span id field, both plain
+# decimal, and no `_dd.p.tid` field; a traceparent field, version 00 with nothing after the flags.
+# Anything else goes through _resolve with the plan's fields.
+_Fast = tuple[_Rule, Any, Any]  # the first field's rule, its key, the span field's key (or None)
+_Plan = tuple[_Fast | None, tuple[tuple[int, _Rule, Any], ...], tuple[Any, ...]]
+
+
+def _plan(rules: IdRules, keys: tuple[Any, ...]) -> _Plan | None:
+    """The plan of a map's keys (see above), cached when its keys are plain short strings."""
+    fields: list[tuple[int, _Rule, Any]] = []
+    messages: list[Any] = []
+    plan: _Plan | None = None
+    nested = False
+    cacheable = True
+    skip, top = rules._skip, rules._top
+    for key in keys:
+        if not _cacheable(key):
+            cacheable = False
+        if key in skip:
+            continue
+        info = top.get(key)
+        if info is None and (info := _classify(rules, key)) is None:
+            continue
+        if isinstance(info, str):
+            nested = True
+        elif info.kind == _K_MESSAGE:
+            messages.append(key)
+        else:
+            fields.append((info.priority, info, key))
+    if not nested:
+        fields.sort(key=_by_priority)
+        plan = _fast_plan(fields), tuple(fields), tuple(messages)
+    if cacheable:
+        plans = rules._plans
+        if len(plans) >= PLAN_CACHE_MAX:
+            plans.clear()
+        plans[keys] = plan
+    return plan
+
+
+def _fast_plan(fields: list[tuple[int, _Rule, Any]]) -> _Fast | None:
+    """The plan's fast spelling, from its sorted fields (see above), if it has one."""
+    if not fields:
+        return None
+    _, rule, key = fields[0]
+    if rule.kind == _K_TRACEPARENT:
+        return rule, key, None
+    if rule.kind == _K_DD_TRACE and any(other.kind == _K_DD_TID for _, other, _ in fields):
+        return None
+    if rule.kind in (_K_TRACE, _K_DD_TRACE):
+        span_kind = _K_DD_SPAN if rule.datadog else _K_SPAN  # the one _resolve looks at first
+        for _, other, span_key in fields:
+            if other.kind == span_kind:
+                return rule, key, span_key
+    return None
+
+
+def _context(trace: str, span: str | None, source: str) -> TraceContext:
+    """A TraceContext, built without the keyword-argument handling of its constructor."""
+    ctx: TraceContext = _new_tuple(TraceContext, (trace, span, source))
+    return ctx
+
+
+def _fast_context(mapping: Mapping[Any, Any], fast: _Fast, source: str | None) -> TraceContext | None:
+    """The context from a plan's fast spelling (see above), or None when the values lack it.
+
+    None is no answer: the caller then resolves the plan's fields. ``source`` as for _resolve.
+    """
+    rule, key, span_key = fast
+    value = mapping[key]
+    if type(value) is not str:
+        return None
+    kind = rule.kind
+    if kind == _K_TRACE:
+        span = mapping[span_key]
+        if len(value) != 32 or type(span) is not str or len(span) != 16:
+            return None
+        hex_text = value + span
+    elif kind == _K_DD_TRACE:
+        span = mapping[span_key]
+        if (
+            type(span) is not str
+            or len(value) > 20
+            or len(span) > 20
+            or not (value.isascii() and value.isdigit() and span.isascii() and span.isdigit())
+        ):
+            return None
+        low, span_int = int(value), int(span)
+        if not (0 < low < _U64 and 0 < span_int < _U64):
+            return None
+        # `%` formatting: half the cost of format() (here and in _dd_span).
+        value, span, hex_text = "%032x" % low, "%016x" % span_int, ""  # noqa: UP031
+    else:  # traceparent: 00-<32 hex>-<16 hex>-<2 hex>
+        header = value
+        if len(header) != 55 or header[:3] != "00-" or header[35] != "-" or header[52] != "-":
+            return None
+        value, span = header[3:35], header[36:52]
+        hex_text = value + span + header[53:]
+    if hex_text:
+        # One fromhex for all parts: it skips whitespace between digit pairs, so the bytes are
+        # half the characters only when every character is a hex digit, and each part has an
+        # even length, so no pair straddles two parts.
+        try:
+            if len(_fromhex(hex_text)) * 2 != len(hex_text):
+                return None
+        except ValueError:
+            return None
+        value, span = value.lower(), span.lower()
+        if value == _ZERO_TRACE or span == _ZERO_SPAN:
+            return None
+    if source is None:
+        source = rule.label
+    elif source is _METADATA_PREFIX:
+        source = rule.metadata_label
+    return _context(value, span, source)
+
+
 def _dd_span(value: object) -> str | None:
-    low = _u64(value)
-    return None if low is None else format(low, "016x")
+    # Hot path: dd-trace writes plain decimal strings; for them _u64 would give this same value.
+    if type(value) is str and len(value) <= 20 and value.isascii() and value.isdigit():
+        low = int(value)
+        return "%016x" % low if 0 < low < _U64 else None  # noqa: UP031
+    number = _u64(value)
+    return None if number is None else "%016x" % number  # noqa: UP031
 
 
 def _dd_trace(value: object, found: list[_Candidate]) -> _Pair | None:
-    text = _as_text(value)
-    if text is not None and _HEX_32.fullmatch(text := text.strip()):
-        return _pair(text, None)  # 128-bit logging enabled: the full id
+    # A decimal id (at most 20 digits) and 32 hex digits never share a spelling, so the order of
+    # the two readings does not matter; the decimal one is far more common.
     low = _dd_span(value)
     if low is None:
+        text = _as_text(value)
+        if text is not None and _HEX_32.fullmatch(text := text.strip()):
+            return _pair(text, None)  # 128-bit logging enabled: the full id
         return None
     high = _ZERO_SPAN  # without _dd.p.tid only the low half is known (TRACE_IDS.md B3.6)
     for _, rule, tid in found:
@@ -656,11 +869,6 @@ def _span_of(found: list[_Candidate], kind: int) -> str | None:
     return None
 
 
-# Span kinds in the order tried, by whether the trace came from a Datadog field: Datadog trace
-# ids pair with Datadog (decimal) span ids first, since the same tracer wrote both.
-_SPAN_ORDER: Final = {False: (_K_SPAN, _K_DD_SPAN), True: (_K_DD_SPAN, _K_SPAN)}
-
-
 def _resolve(
     found: list[_Candidate], fallback: list[_Candidate] | None, source: str | None
 ) -> TraceContext | None:
@@ -678,62 +886,67 @@ def _resolve(
         found.sort(key=_by_priority)
     for _, rule, value in found:
         kind = rule.kind
-        pair: _Pair | None = None
+        trace: str | None = None
+        span: str | None = None
         if kind == _K_TRACE:
-            if type(value) is str and len(value) == 32:  # hot path: _trace_any's first case, inlined
+            # Hot path, _trace_any's first case inlined: 32 hex digits, as nearly all logs write.
+            if type(value) is str and len(value) == 32:
                 try:
-                    if len(_fromhex(value)) == 16 and (trace := value.lower()) != _ZERO_TRACE:
-                        pair = trace, None
+                    if len(_fromhex(value)) == 16:
+                        trace = value.lower()
                 except ValueError:
                     pass
-            if pair is None:
+            if trace is None:
                 pair = _trace_any(value)
+                if pair is None:
+                    continue
+                trace, span = pair
+            elif trace == _ZERO_TRACE:
+                continue
         elif kind >= _K_SPAN:
             return None  # sorted: only span and tid fields follow
-        elif kind == _K_DD_TRACE:
-            pair = _dd_trace(value, found)
         else:
-            text = _as_text(value)
-            pair = None if text is None else _COMPOSITE_PARSERS[kind](text.strip())
-        if pair is not None:
+            if kind == _K_DD_TRACE:
+                pair = _dd_trace(value, found)
+            else:
+                text = _as_text(value)
+                pair = None if text is None else _COMPOSITE_PARSERS[kind](text.strip())
+            if pair is None:
+                continue
             trace, span = pair
-            if span is None:
-                first, second = _SPAN_ORDER[rule.datadog]
-                for _, other, raw in found:  # hot path: _span_of(found, first), inlined
-                    if other.kind == first:
-                        span = normalize_span_id(raw) if first == _K_SPAN else _dd_span(raw)
-                        if span is not None:
-                            break
+        if span is None:
+            if rule.datadog:  # Datadog trace ids pair with Datadog (decimal) span ids first
+                first, second = _K_DD_SPAN, _K_SPAN
+                span = _span_of(found, _K_DD_SPAN) or _span_of(found, _K_SPAN)
+            else:
+                first, second = _K_SPAN, _K_DD_SPAN
+                for _, other, raw in found:  # hot path: _span_of(found, _K_SPAN), inlined
+                    if other.kind != _K_SPAN:
+                        continue
+                    if type(raw) is str and len(raw) == 16:  # normalize_span_id's first case
+                        try:
+                            if len(_fromhex(raw)) == 8 and (span := raw.lower()) != _ZERO_SPAN:
+                                break
+                        except ValueError:
+                            pass
+                    if (span := normalize_span_id(raw)) is not None:
+                        break
                 else:
-                    span = _span_of(found, second)
-                if span is None and fallback:
-                    span = _span_of(fallback, first) or _span_of(fallback, second)
-            if source is None:
-                source = rule.label
-            elif source is _METADATA_PREFIX:
-                source = rule.metadata_label
-            ctx: TraceContext = _new_object(TraceContext)
-            _set_trace_id(ctx, trace)
-            _set_span_id(ctx, span)
-            _set_source(ctx, source)
-            return ctx
+                    span = _span_of(found, _K_DD_SPAN)
+            if span is None and fallback:
+                span = _span_of(fallback, first) or _span_of(fallback, second)
+        if source is None:
+            source = rule.label
+        elif source is _METADATA_PREFIX:
+            source = rule.metadata_label
+        return _context(trace, span, source)
     return None
 
 
 # A JSON object starts with `{`, possibly after whitespace: the one-character test that keeps
 # plain lines away from the parser.
-_JSON_HEADS: Final = frozenset(["{", b"{", *" \t\r\n", *(bytes([c]) for c in b" \t\r\n")])
-_BRACES: Final = ("{", b"{")
-
-
-def _json_object(value: str | bytes) -> Mapping[Any, Any] | None:
-    if value[:1] not in _BRACES and value.lstrip()[:1] not in _BRACES:
-        return None
-    try:
-        obj = orjson.loads(value)
-    except orjson.JSONDecodeError:  # also: lone surrogates, too deep
-        return None
-    return obj if isinstance(obj, dict) else None
+_BRACES: Final = frozenset(["{", b"{"])
+_JSON_SPACES: Final = frozenset([*" \t\r\n", *(bytes([c]) for c in b" \t\r\n")])
 
 
 # `key=value`, `key: value`, `"key": "value"` in a lowercased line: logfmt, the Python OTel logging
@@ -745,14 +958,11 @@ _TEXT_ID = re.compile(
     r"""(trace(?:parent|[_.-]?id)|span[_.-]?id)["']?\s{0,4}[=:]\s{0,4}["']?([0-9a-z-]{1,64})(?![0-9a-z-])""",
     re.ASCII,
 )
-_KEY_WORDS: Final = ("trace", "span")
-_KEY_PREFIXES: Final = {"dd.": "dd", "dd_": "dd", "otel": "otel"}  # text -> canonical
 _WORD_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.@-")
 
 
-def _scan_text(rules: IdRules, value: object) -> list[_Candidate] | None:
-    # A span id without a trace id is dropped anyway, so a line without "trace" (any case, as
-    # in traceparent, otelTraceID, TRACE_ID) returns at once: the common case costs two `in`s.
+def _text_line(value: object) -> str | None:
+    """The lowercased head of a message to scan, or None when it holds no "trace" (see below)."""
     end = TEXT_SCAN_MAX_CHARS
     if isinstance(value, str):
         if len(value) <= end:
@@ -766,62 +976,120 @@ def _scan_text(rules: IdRules, value: object) -> list[_Candidate] | None:
         value = value[:end].decode("latin-1")  # ids are ASCII; latin-1 keeps every offset
     else:
         return None
-    line = (value[:end] if len(value) > end else value).lower()
+    return (value[:end] if len(value) > end else value).lower()
+
+
+def _scan_text(rules: IdRules, line: str) -> list[_Candidate]:
+    """The candidates written as `key=value` text in a lowercased line (_text_line)."""
+    plain, after_dd, after_otel = rules._text_rules
     found: list[_Candidate] = []
     budget = TEXT_MAX_KEYS
     for word in _KEY_WORDS:
         pos = line.find(word)
         while pos >= 0 and budget:
             budget -= 1
-            match = _TEXT_ID.match(line, pos)
-            if match is not None:
-                start, prefix = pos, ""
-                for size in (3, 4):
-                    if pos >= size and (known := _KEY_PREFIXES.get(line[pos - size : pos])) is not None:
-                        start, prefix = pos - size, known
-                if start == 0 or line[start - 1] not in _WORD_CHARS:
-                    key = match[1].replace("_", "").replace("-", "").replace(".", "")
-                    rule = rules._by_name.get(prefix + key)
-                    if rule is not None and rule.kind != _K_MESSAGE:
-                        found.append((rule.priority, rule, match[2]))
+            # The key must start a word, counting a known prefix as part of it. The prefixes end
+            # in word characters (`.`, `_`, `l`), so the common case (a space or a quote before
+            # the key) needs no prefix test.
+            before = line[pos - 1] if pos else " "
+            if before not in _WORD_CHARS:
+                rules_after: dict[str, _Rule] | None = plain
+            elif before in "._":
+                rules_after = None
+                if (
+                    pos >= 3
+                    and line[pos - 3 : pos - 1] == "dd"
+                    and (pos == 3 or line[pos - 4] not in _WORD_CHARS)
+                ):
+                    rules_after = after_dd
+            elif before == "l" and pos >= 4 and line[pos - 4 : pos] == "otel":
+                rules_after = after_otel if pos == 4 or line[pos - 5] not in _WORD_CHARS else None
+            else:
+                rules_after = None
+            if (
+                rules_after is not None
+                and (match := _TEXT_ID.match(line, pos)) is not None
+                and (rule := rules_after.get(match[1])) is not None
+            ):
+                found.append((rule.priority, rule, match[2]))
             pos = line.find(word, pos + 1)
     return found
 
 
-def _from_messages(rules: IdRules, messages: list[Any], fallback: list[_Candidate]) -> TraceContext | None:
+def _from_map(
+    rules: IdRules, mapping: Mapping[Any, Any], fallback: list[_Candidate] | None, source: str
+) -> TraceContext | None:
+    """The context held in the fields of a JSON object or a metadata map (``source`` as for _resolve)."""
+    plan = None
+    if len(mapping) <= PLAN_MAX_KEYS:
+        keys = tuple(mapping)
+        if (plan := rules._plans.get(keys, _MISS)) is _MISS:
+            plan = _plan(rules, keys)
+    if plan is None:
+        found: list[_Candidate] = []
+        _collect(rules, mapping, found, None)
+    else:
+        fast, fields, _ = plan
+        if not fields:
+            return None  # the common case of a line without ids: no list to build
+        if fast is not None and (ctx := _fast_context(mapping, fast, source)) is not None:
+            return ctx
+        found = [(priority, rule, mapping[key]) for priority, rule, key in fields]
+    return _resolve(found, fallback, source) if found else None
+
+
+def _from_messages(
+    rules: IdRules, record: Mapping[Any, Any], keys: Iterable[Any], fallback: list[_Candidate] | None
+) -> TraceContext | None:
     # All JSON objects first, then all text: B4 orders by kind of source, not by field.
     cap = rules.json_max_bytes
     if cap:
-        for value in messages:
-            if isinstance(value, (str, bytes)) and len(value) <= cap and value[:1] in _JSON_HEADS:
-                obj = _json_object(value)
-                if obj is not None:
-                    found: list[_Candidate] = []
-                    _scan(rules, obj, "", 0, found)
-                    if found and (ctx := _resolve(found, fallback, SOURCE_LOG_JSON)) is not None:
-                        return ctx
+        for key in keys:
+            value = record[key]
+            if not isinstance(value, (str, bytes)) or len(value) > cap:
+                continue
+            head = value[:1]
+            if head not in _BRACES and (head not in _JSON_SPACES or value.lstrip()[:1] not in _BRACES):
+                continue
+            try:
+                obj = orjson.loads(value)
+            except orjson.JSONDecodeError:  # also: lone surrogates, too deep
+                continue
+            if (
+                isinstance(obj, dict)
+                and (ctx := _from_map(rules, obj, fallback, SOURCE_LOG_JSON)) is not None
+            ):
+                return ctx
     if rules.scan_text:
-        for value in messages:
-            text_found = _scan_text(rules, value)
-            if text_found and (ctx := _resolve(text_found, fallback, SOURCE_LOG_TEXT)) is not None:
+        for key in keys:
+            # A span id without a trace id is dropped anyway, so a line without "trace" (any case,
+            # as in traceparent, otelTraceID, TRACE_ID) is not scanned: the common case costs two
+            # `in`s. For a short str, _text_line is inlined.
+            value = record[key]
+            if type(value) is str and len(value) <= TEXT_SCAN_MAX_CHARS:
+                if "race" not in value and "RACE" not in value:
+                    continue
+                line = value.lower()
+            else:
+                text = _text_line(value)
+                if text is None:
+                    continue
+                line = text
+            found = _scan_text(rules, line)
+            if found and (ctx := _resolve(found, fallback, SOURCE_LOG_TEXT)) is not None:
                 return ctx
     return None
 
 
 def _from_metadata(
-    rules: IdRules, metadata: Mapping[Any, Any], fallback: list[_Candidate]
+    rules: IdRules, metadata: Mapping[Any, Any], fallback: list[_Candidate] | None
 ) -> TraceContext | None:
-    found: list[_Candidate] = []
-    _scan(rules, metadata, "", 0, found)
-    if found and (ctx := _resolve(found, fallback, _METADATA_PREFIX)) is not None:
+    if (ctx := _from_map(rules, metadata, fallback, _METADATA_PREFIX)) is not None:
         return ctx
     for key in _OTLP_KEYS:
         otlp = metadata.get(key)
-        if isinstance(otlp, Mapping):
-            found = []
-            _scan(rules, otlp, "", 0, found)
-            if found and (ctx := _resolve(found, fallback, SOURCE_METADATA_OTLP)) is not None:
-                return ctx
+        if isinstance(otlp, Mapping) and (ctx := _from_map(rules, otlp, fallback, SOURCE_METADATA_OTLP)):
+            return ctx
     return None
 
 
@@ -846,27 +1114,34 @@ def extract_trace_context(
         The first valid trace id with its span id and a bounded source label, or None.
         Never raises for any record content.
     """
+    if len(record) <= PLAN_MAX_KEYS:
+        keys = tuple(record)
+        if (plan := rules._plans.get(keys, _MISS)) is _MISS:
+            plan = _plan(rules, keys)
+        if plan is not None:
+            fast, fields, messages = plan
+            if fast is not None and (ctx := _fast_context(record, fast, None)) is not None:
+                return ctx
+            found = None
+            if fields:
+                found = [(priority, rule, record[key]) for priority, rule, key in fields]
+                if (ctx := _resolve(found, None, None)) is not None:
+                    return ctx
+            if messages and (ctx := _from_messages(rules, record, messages, found)) is not None:
+                return ctx
+            return _from_metadata(rules, metadata, found) if metadata else None
+    return _extract_by_keys(record, metadata, rules)
+
+
+def _extract_by_keys(
+    record: Mapping[Any, Any], metadata: Mapping[Any, Any] | None, rules: IdRules
+) -> TraceContext | None:
+    """extract_trace_context without a plan: key by key (maps with nested id maps, large maps)."""
     found: list[_Candidate] = []
     messages: list[Any] = []
-    lookup, miss = rules._top.get, _MISS
-    for key in record:  # values are fetched only for the few keys that matter
-        info = lookup(key, miss)
-        if info is None:
-            continue  # the common case: a known key that can never lead to an id
-        if info is miss and (info := _classify(rules, key)) is None:
-            continue
-        value = record[key]
-        if isinstance(info, str):
-            if isinstance(value, Mapping):
-                _scan(rules, value, info, 1, found)
-        elif info.kind != _K_MESSAGE:
-            found.append((info.priority, info, value))
-        else:
-            messages.append(value)
+    _collect(rules, record, found, messages)
     if found and (ctx := _resolve(found, None, None)) is not None:
         return ctx
-    if messages and (ctx := _from_messages(rules, messages, found)) is not None:
+    if messages and (ctx := _from_messages(rules, record, messages, found)) is not None:
         return ctx
-    if metadata:
-        return _from_metadata(rules, metadata, found)
-    return None
+    return _from_metadata(rules, metadata, found) if metadata else None

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import copy
+import itertools
 import json
 import re
 from typing import Any
 
-import attrs
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fluentforward import ids
@@ -458,6 +458,26 @@ def test_text_line_otel_prefixed_keys():
     assert ids_of(extract_trace_context({"log": line})) == (TRACE, SPAN)
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("dd.trace_id=5", "5".zfill(32)),
+        ("[dd_trace_id=5]", "5".zfill(32)),
+        ("xdd.trace_id=5", None),  # the prefix must start a word too
+        ("-dd.trace_id=5", None),
+        (f"xdd.trace_id=5 trace_id={TRACE}", TRACE),
+        (f"(otelTraceID={TRACE})", TRACE),
+        (f"dotelTraceID={TRACE}", None),
+        (f"x.otelTraceID={TRACE}", None),
+        (f"dd.traceparent=00-{TRACE}-{SPAN}-01", None),  # not a configured name
+    ],
+)
+def test_text_line_key_prefixes(line, expected):
+    """A `dd.`/`dd_`/`otel` prefix joins the key only when the prefix itself starts a word."""
+    ctx = extract_trace_context({"log": line})
+    assert (None if ctx is None else ctx.trace_id) == expected
+
+
 def test_text_line_as_bytes():
     """A log line sent as bin is scanned too."""
     assert ids_of(extract_trace_context({"log": f"trace_id={TRACE} span_id={SPAN}".encode()})) == (
@@ -576,13 +596,13 @@ def test_key_cache_is_bounded():
     assert 0 < len(rules._canon) <= ids.KEY_CACHE_MAX
 
 
-def test_contexts_are_equal_to_attrs_built_ones_and_frozen():
-    """The context returned equals one built by TraceContext's own __init__, and is frozen."""
+def test_contexts_are_equal_to_constructed_ones_and_immutable():
+    """The context returned equals one built by TraceContext's own constructor, and is immutable."""
     ctx = extract_trace_context({"trace_id": TRACE, "span_id": SPAN})
     assert ctx == TraceContext(trace_id=TRACE, span_id=SPAN, source="trace_id")
     assert repr(ctx) == repr(TraceContext(trace_id=TRACE, span_id=SPAN, source="trace_id"))
     assert hash(ctx) == hash(TraceContext(trace_id=TRACE, span_id=SPAN, source="trace_id"))
-    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         ctx.trace_id = OTHER_TRACE  # type: ignore[misc]
 
 
@@ -688,3 +708,163 @@ def test_extract_never_raises_nor_mutates(record, metadata):
         assert ctx.trace_id != "0" * 32
         assert ctx.span_id is None or SPAN_RE.fullmatch(ctx.span_id)
         assert ctx.source in DEFAULT_RULES.sources
+
+
+# --- fast paths: plans and fast spellings agree with the key-by-key path --------------------------
+
+# Values at the edges of each fast spelling (hex pair, Datadog decimal pair, traceparent 00): valid,
+# off by one character, other case, whitespace, zero, non-ASCII digits, other types.
+EDGE_VALUES = [
+    TRACE, TRACE.upper(), SPAN, SPAN.upper(), "0" * 32, "0" * 16, f" {TRACE[1:]}", TRACE[:-1] + "g",
+    SPAN[:-1] + "g", "ab cd" * 6 + "ab", "00f067aa 0ba902b7", TRACE[:31], SPAN + "0", "\u0663" * 16,
+    "11803532876627986230", "67667974448284343", "18446744073709551615", "18446744073709551616", "0",
+    "-1", "+1", " 1", "1_0", "\u0663\u0664", "0" * 20, "1" * 21, f"00-{TRACE}-{SPAN}-01",
+    f"00-{TRACE.upper()}-{SPAN}-zz", f"00-{TRACE}-{SPAN}-0g", f"01-{TRACE}-{SPAN}-01",
+    f"00-{'0' * 32}-{SPAN}-01", f"00-{TRACE}-{'0' * 16}-01", f"00-{TRACE}-{SPAN}-01-x",
+    f"00_{TRACE}-{SPAN}-01", f"00-{TRACE} {SPAN}-01", bytes.fromhex(TRACE), bytes.fromhex(SPAN),
+    TRACE.encode(), 11803532876627986230, None, 1.5,
+]  # fmt: skip
+# (trace field, span field) pairs whose plans take a fast spelling, or just miss one.
+EDGE_PAIRS = [
+    ("trace_id", "span_id"), ("traceId", "spanId"), ("otelTraceID", "otelSpanID"),
+    ("dd.trace_id", "dd.span_id"), ("traceparent", "span_id"), ("trace_id", "dd.span_id"),
+    ("dd.trace_id", "span_id"),
+]  # fmt: skip
+
+
+def edge_cases(trace_key: str, span_key: str) -> list[tuple[dict[Any, Any], dict[Any, Any] | None]]:
+    """Records and metadata holding the pair with every combination of EDGE_VALUES."""
+    cases: list[tuple[dict[Any, Any], dict[Any, Any] | None]] = []
+    for trace, span in itertools.product(EDGE_VALUES, EDGE_VALUES):
+        cases.append(({"log": "x", trace_key: trace, "level": 1, span_key: span}, None))
+        cases.append(({span_key: span, trace_key: trace, "_dd.p.tid": "4BF92F3577B34DA6"}, None))
+        cases.append(({"log": "x"}, {trace_key: trace, span_key: span}))
+        if not isinstance(trace, bytes) and not isinstance(span, bytes):
+            cases.append(({"log": json.dumps({"msg": "x", trace_key: trace, span_key: span})}, None))
+    return cases
+
+
+def key_by_key(record: Any, metadata: Any = None, rules: IdRules = DEFAULT_RULES) -> TraceContext | None:
+    """extract_trace_context without plans: every map read key by key, every candidate resolved."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ids, "PLAN_MAX_KEYS", -1)
+        return extract_trace_context(record, metadata, rules=rules)
+
+
+@pytest.mark.parametrize(("trace_key", "span_key"), EDGE_PAIRS)
+def test_fast_spellings_agree_with_the_key_by_key_path(trace_key, span_key, monkeypatch):
+    """For every edge value of a fast spelling, the plan's answer is the key-by-key answer."""
+    cases = edge_cases(trace_key, span_key)
+    planned = [extract_trace_context(record, metadata) for record, metadata in cases]
+    monkeypatch.setattr(ids, "PLAN_MAX_KEYS", -1)
+    by_keys = [extract_trace_context(record, metadata) for record, metadata in cases]
+    assert [(case, ctx) for case, ctx in zip(cases, planned, strict=True)] == list(
+        zip(cases, by_keys, strict=True)
+    )
+    assert any(ctx is not None for ctx in planned)
+    assert any(ctx is None for ctx in planned)
+
+
+json_values = st.one_of(
+    st.sampled_from([value for value in EDGE_VALUES if not isinstance(value, bytes)]), texts, st.integers()
+)
+id_values = st.one_of(json_values, st.binary(max_size=20))
+id_records = st.dictionaries(
+    st.one_of(st.sampled_from(ID_KEYS + [key for pair in EDGE_PAIRS for key in pair]), keys),
+    st.one_of(
+        id_values,
+        st.dictionaries(st.sampled_from(["id", "trace_id", "span_id", "x"]), id_values, max_size=3),
+        st.dictionaries(st.sampled_from(ID_KEYS), json_values, max_size=4).map(json.dumps),
+    ),
+    max_size=8,
+)
+custom_rules = st.sampled_from(
+    [
+        DEFAULT_RULES,
+        IdRules(scan_text=False, json_max_bytes=40),
+        IdRules.from_names(trace_fields=["myTrace"], span_fields=["mySpan"]),
+        IdRules.from_names(
+            trace_fields=["otelTraceID"], replace_defaults=True, message_fields=["span_id", "log"]
+        ),
+    ]
+)
+
+
+@given(id_records, st.one_of(st.none(), id_records), custom_rules)
+def test_plans_agree_with_the_key_by_key_path(record, metadata, rules):
+    """Any record, metadata and rules give the same context with plans as key by key."""
+    assert extract_trace_context(record, metadata, rules=rules) == key_by_key(record, metadata, rules)
+
+
+@given(
+    st.one_of(st.text(alphabet="0123456789abcdefABCDEF \t", max_size=34), st.binary(), st.integers()),
+    st.one_of(st.text(alphabet="0123456789abcdefABCDEF \t", max_size=18), st.binary(), st.integers()),
+)
+@example(TRACE, "0" * 16)
+@example(TRACE.upper(), SPAN.upper())
+@example(TRACE, f" {SPAN}")
+@example(TRACE, bytes(8))
+@example("0" * 32, SPAN)
+def test_trace_and_span_fields_read_as_the_normalizers_read(trace, span):
+    """A record with a trace_id and a span_id field gets them exactly as the normalizers read them."""
+    ctx = extract_trace_context({"trace_id": trace, "span_id": span, "log": "x"})
+    expected = normalize_trace_id(trace)
+    if expected is None:
+        assert ctx is None
+    else:
+        assert ctx == TraceContext(trace_id=expected, span_id=normalize_span_id(span), source="trace_id")
+
+
+@pytest.mark.parametrize(
+    ("record", "metadata"),
+    [
+        ({"trace_id": TRACE, "span_id": SPAN}, None),  # fast hex pair
+        ({"dd.trace_id": "11803532876627986230", "dd.span_id": "67667974448284343"}, None),  # Datadog
+        ({"log": json.dumps({"traceparent": f"00-{TRACE}-{SPAN}-01"})}, None),  # traceparent, JSON
+        ({"log": f"trace_id={TRACE} span_id={SPAN}"}, None),  # text: through _resolve
+        ({"trace": {"id": TRACE}}, None),  # no plan: nested map
+        ({}, {"otlp": {"trace_id": bytes.fromhex(TRACE)}}),  # metadata
+    ],
+)
+def test_contexts_from_every_path_are_plain_trace_contexts(record, metadata):
+    """Each path returns an exact, immutable TraceContext that equals its constructed twin."""
+    ctx = extract_trace_context(record, metadata)
+    twin = TraceContext(trace_id=ctx.trace_id, span_id=ctx.span_id, source=ctx.source)
+    assert type(ctx) is TraceContext
+    assert (ctx, repr(ctx), hash(ctx)) == (twin, repr(twin), hash(twin))
+    assert ctx._replace(source="x") == TraceContext(trace_id=ctx.trace_id, span_id=ctx.span_id, source="x")
+    with pytest.raises(AttributeError):
+        ctx.source = "x"  # type: ignore[misc]
+
+
+def test_plan_and_skip_caches_are_bounded():
+    """Records of ever-new shapes never grow the plan and key caches beyond their limits."""
+    rules = IdRules()
+    for i in range(max(ids.PLAN_CACHE_MAX, ids.KEY_CACHE_MAX) + 10):
+        assert extract_trace_context({f"k{i}": 1, "trace_id": TRACE}, rules=rules).trace_id == TRACE
+    assert 0 < len(rules._plans) <= ids.PLAN_CACHE_MAX
+    assert 0 < len(rules._skip) <= ids.KEY_CACHE_MAX
+
+
+def test_long_keys_are_not_cached():
+    """A key longer than any id name is read but kept in no cache."""
+    rules = IdRules()
+    long_key = "k" * (ids.MAX_KEY_CHARS + 1)
+    assert extract_trace_context({long_key: 1, "trace_id": TRACE}, rules=rules).trace_id == TRACE
+    assert long_key not in rules._skip
+    assert not rules._plans
+    assert extract_trace_context({"trace_id": TRACE}, rules=rules).trace_id == TRACE
+    assert rules._plans
+
+
+def test_maps_with_more_keys_than_a_plan_are_read_key_by_key():
+    """Records and JSON lines wider than PLAN_MAX_KEYS give their ids without a plan."""
+    rules = IdRules()
+    wide = {f"k{i}": i for i in range(ids.PLAN_MAX_KEYS)}
+    assert ids_of(extract_trace_context({**wide, "trace_id": TRACE, "span_id": SPAN}, rules=rules)) == (
+        TRACE,
+        SPAN,
+    )
+    ctx = extract_trace_context({"log": json.dumps({**wide, "traceId": TRACE})}, rules=rules)
+    assert (ctx.trace_id, ctx.source) == (TRACE, "log:json")
+    assert list(rules._plans) == [("log",)]  # the record's own plan: only the wide maps have none
