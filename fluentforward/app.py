@@ -2,7 +2,9 @@
 
 ``run_server`` is what ``fluentforward serve`` hands to ``trio.run``. SIGTERM and SIGINT stop accepting,
 let in-flight frames finish within the shutdown grace, flush the shipper within the same grace, persist
-its cursor and return (exit 0).
+its cursor and return (exit 0). The shipper is a ``pipeline.Shipper`` task of this process, or (the
+default with ``--loki-url``) a ``delivery.DeliveryProcess`` running it in a child process; both are a
+``Delivery`` to the probes, the metrics and the shutdown.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import gc
 import signal
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 import trio
@@ -26,17 +28,49 @@ from fluentforward.server import ServerState, serve
 from fluentforward.spool import Spool
 
 if TYPE_CHECKING:
-    from fluentforward.pipeline import Shipper
+    from fluentforward.pipeline import DeliveryStats
 
-__all__ = ["AppState", "health_routes", "readiness_problems", "run_server", "tune_allocator", "tune_gc"]
+__all__ = [
+    "AppState",
+    "Delivery",
+    "health_routes",
+    "readiness_problems",
+    "run_server",
+    "tune_allocator",
+    "tune_gc",
+]
 
 log = structlog.get_logger("fluentforward.app")
+
+
+class Delivery(Protocol):
+    """What the server process needs of Loki delivery, whether it runs here or in a child process."""
+
+    stats: DeliveryStats
+
+    @property
+    def auth_failed(self) -> bool:
+        """True while Loki rejects our credentials or URL."""
+        ...
+
+    @property
+    def caught_up(self) -> bool:
+        """True when everything durable has been delivered."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Deliver until cancelled (started once delivery can begin)."""
+        ...
+
+    async def flush(self) -> None:
+        """Deliver everything durable now (shutdown)."""
+        ...
 
 
 class AppState:
     """What the probes and metrics look at: the server and, when Loki is configured, the shipper."""
 
-    def __init__(self, server: ServerState, shipper: Shipper | None = None) -> None:
+    def __init__(self, server: ServerState, shipper: Delivery | None = None) -> None:
         self.server = server
         self.shipper = shipper
 
@@ -49,7 +83,7 @@ def readiness_problems(app: AppState) -> list[str]:
         problems.append("not listening")
     if state.spool.is_full:
         problems.append("spool full")
-    if app.shipper is not None and app.shipper.sink.auth_failed:
+    if app.shipper is not None and app.shipper.auth_failed:
         problems.append("Loki rejects our credentials or URL")
     return problems
 
@@ -75,9 +109,14 @@ def health_routes(app: AppState) -> dict[str, Route]:
 
 
 @contextlib.asynccontextmanager
-async def _shipper(spool: Spool, delivery: DeliverySettings | None) -> AsyncIterator[Shipper | None]:
+async def _shipper(spool: Spool, delivery: DeliverySettings | None) -> AsyncIterator[Delivery | None]:
     if delivery is None or delivery.loki is None:
         yield None
+        return
+    if delivery.process is not None:
+        from fluentforward.delivery import DeliveryProcess  # noqa: PLC0415
+
+        yield DeliveryProcess(spool, delivery)
         return
     from fluentforward.pipeline import Shipper, Transformer  # noqa: PLC0415
     from fluentforward.records import Shaper  # noqa: PLC0415

@@ -34,6 +34,7 @@ from fluentforward.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RECEIVING,
     DEFAULT_SHUTDOWN_GRACE,
+    DeliveryProcessSettings,
     DeliverySettings,
     ServerConfig,
     parse_listen,
@@ -63,7 +64,7 @@ from fluentforward.spool import (
     spool_dirs,
 )
 
-__all__ = ["app", "main"]
+__all__ = ["app", "delivery_settings_from_wire", "main"]
 
 log = structlog.get_logger("fluentforward.cli")
 
@@ -185,6 +186,7 @@ ConfigOpt = Annotated[
     ),
 ]
 
+# What ``replay`` shares with ``serve``; serve adds retention (``SERVE_DELIVERY_OPTIONS``).
 DELIVERY_OPTIONS = (
     "loki_url",
     "loki_format",
@@ -208,6 +210,10 @@ DELIVERY_OPTIONS = (
     "trace_fields",
     "span_fields",
     "scan_text",
+)
+SERVE_DELIVERY_OPTIONS = (*DELIVERY_OPTIONS, "spool_retention", "spool_retention_bytes")
+PATH_OPTIONS = frozenset(
+    {"loki_password_file", "loki_bearer_token_file", "loki_ca_file", "loki_cert_file", "loki_key_file"}
 )
 
 
@@ -370,6 +376,9 @@ def serve(
             envvar=_env("workers"), help="Processes sharing the port (SO_REUSEPORT), one spool each."
         ),
     ] = 1,
+    delivery_process: Annotated[
+        bool, typer.Option(envvar=_env("delivery-process"), help="Ship to Loki from a child process.")
+    ] = True,
     worker_index: Annotated[
         int | None, typer.Option(envvar=_env("worker-index"), hidden=True, help="Set by the parent process.")
     ] = None,
@@ -387,7 +396,7 @@ def serve(
         spool_dir = spool_dir / f"worker-{worker_index}"
         http_listen = "off"
     try:
-        _configure_logs(log_level, log_format)
+        log_json = _configure_logs(log_level, log_format)
         _check_spool_dir(spool_dir)
         config = ServerConfig(
             listen=parse_listen(listen, allow_unix=True),
@@ -445,11 +454,16 @@ def serve(
             raise ConfigError("--workers needs a TCP --listen address (SO_REUSEPORT)")
         if tls_cert is None and (tls_key is not None or tls_client_ca is not None):
             raise ConfigError("--tls-key and --tls-client-ca need --tls-cert")
-        delivery = _delivery_settings(
-            **{name: ctx.params[name] for name in DELIVERY_OPTIONS},
-            spool_retention=spool_retention,
-            spool_retention_bytes=spool_retention_bytes,
-        )
+        options = {name: ctx.params[name] for name in SERVE_DELIVERY_OPTIONS}
+        delivery = _delivery_settings(**options)
+        if delivery_process and delivery.loki is not None:
+            process = DeliveryProcessSettings(
+                options=_wire_options(options),
+                log_level=log_level.lower(),
+                log_json=log_json,
+                worker=worker_index,
+            )
+            delivery = attrs.evolve(delivery, process=process)
         if checking:
             _print_effective(ctx)
             return
@@ -648,6 +662,37 @@ def _delivery_settings(
     )
 
 
+def _wire_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Option values as plain data for a delivery child process (paths become strings)."""
+    return {
+        name: str(value) if name in PATH_OPTIONS and value is not None else value
+        for name, value in options.items()
+    }
+
+
+def delivery_settings_from_wire(options: Mapping[str, Any]) -> DeliverySettings:
+    """Rebuild ``serve``'s delivery settings in a delivery child process, with the same validation.
+
+    Args:
+        options: the values sent by the parent: every name of ``SERVE_DELIVERY_OPTIONS``, paths as str.
+
+    Raises:
+        ConfigError: a name is missing or unknown, a value is not plain data, or a setting is invalid
+            (a password file that vanished since the parent read it).
+    """
+    names = set(options)
+    if names != set(SERVE_DELIVERY_OPTIONS):
+        wrong = sorted(names ^ set(SERVE_DELIVERY_OPTIONS))
+        raise ConfigError(f"delivery settings: missing or unknown options {', '.join(wrong)}")
+    values: dict[str, Any] = {}
+    for name, value in options.items():
+        plain = value is None or isinstance(value, str | int | bool)
+        if not plain and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            raise ConfigError(f"delivery settings: {name}: unexpected value of type {type(value).__name__}")
+        values[name] = Path(value) if name in PATH_OPTIONS and isinstance(value, str) else value
+    return _delivery_settings(**values)
+
+
 def _positive(value: int, option: str) -> int:
     if value < 1:
         raise ConfigError(f"{option}: must be at least 1, got {value}")
@@ -672,13 +717,15 @@ def _positive_f(value: float, option: str) -> float:
     return value
 
 
-def _configure_logs(level: str, fmt: str) -> None:
+def _configure_logs(level: str, fmt: str) -> bool | None:
+    """Configure structlog from the options; returns the ``json`` choice (a delivery child copies it)."""
     if level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
     formats = {"auto": None, "json": True, "console": False}
     if fmt.lower() not in formats:
         raise ConfigError(f"--log-format: expected auto, json or console, got {fmt!r}")
     configure_logging(json=formats[fmt.lower()], level=level.lower())
+    return formats[fmt.lower()]
 
 
 # -- send --------------------------------------------------------------------------------------------

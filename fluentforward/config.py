@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_MAX_RECEIVING",
     "DEFAULT_SHUTDOWN_GRACE",
     "TLS_VERSIONS",
+    "DeliveryProcessSettings",
     "DeliverySettings",
     "ListenAddress",
     "ServerConfig",
@@ -219,10 +221,36 @@ def server_tls_context(
 
 
 @attrs.frozen(kw_only=True)
+class DeliveryProcessSettings:
+    """What a delivery child process (``--delivery-process``) needs to rebuild the delivery settings.
+
+    ``ShapeRules`` hold generated code and cannot cross a pipe, so the child gets the option values
+    the settings were built from and builds them again with the same function. They travel on the
+    child's stdin only: header values may be secrets, and files (passwords, tokens) stay paths.
+
+    Attributes:
+        options: the delivery option values as plain data (str, int, bool, lists, None; paths as str).
+        log_level: the child logs at this level...
+        log_json: ...in this format (None: JSON unless stderr is a terminal), like its parent.
+        worker: the ``--workers`` index of the parent, bound to the child's log lines; None otherwise.
+    """
+
+    options: Mapping[str, Any] = attrs.field(repr=False)
+    log_level: str = "info"
+    log_json: bool | None = None
+    worker: int | None = None
+
+
+@attrs.frozen(kw_only=True)
 class DeliverySettings:
-    """How records leave the spool: Loki (None = spool-only), shaping, trace-id rules, pacing."""
+    """How records leave the spool: Loki (None = spool-only), shaping, trace-id rules, pacing.
+
+    ``process`` set: a child process ships (its own CPU core and event loop); None: a task of the
+    server process does.
+    """
 
     loki: LokiSettings | None
     shape_rules: ShapeRules
     id_rules: IdRules
     shipper: ShipperSettings
+    process: DeliveryProcessSettings | None = None

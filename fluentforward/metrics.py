@@ -135,7 +135,7 @@ def snapshot(app: AppState, *, now: float | None = None) -> Snapshot:
             "loki_auth_failed",
             "gauge",
             "1 while Loki rejects our credentials or URL.",
-            int(shipper.sink.auth_failed),
+            int(shipper.auth_failed),
         )
         for source, count in sorted(d.trace_sources.items()):
             add(

@@ -13,7 +13,11 @@ entries is harmless). Credentials or URL rejected (401/403/404): the data stays,
 not ready, and the sink retries slowly.
 
 Delivered segments are kept for ``retention_s`` (and at most ``retention_bytes``) so they can be
-replayed, then deleted. The spool's backpressure counts undelivered bytes only.
+replayed, then deleted. The spool's backpressure counts undelivered bytes only. Both are the job of
+``DeliveredSpace``, in the process that owns the ``Spool``: the shipper itself only needs a
+``SpoolView`` (where the segments are, how far they are durable) and reports each saved cursor to
+``on_delivered``, so it runs the same in the server process and in a delivery child process
+(``fluentforward.delivery``).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import collections
 import datetime as dt
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 import orjson
@@ -32,7 +37,7 @@ import trio
 
 from fluentforward.errors import RemoteProtocolError
 from fluentforward.ids import DEFAULT_RULES, IdRules, extract_trace_context
-from fluentforward.reader import RecordFilter, entries_of
+from fluentforward.reader import RecordFilter, events_of
 from fluentforward.records import Shaper
 from fluentforward.sinks import LokiEntry
 from fluentforward.sinks.loki import Batch, LokiSink, PushOutcome, Verdict, entry_size
@@ -51,9 +56,11 @@ __all__ = [
     "DEFAULT_RETENTION_S",
     "CursorStore",
     "DeadLetters",
+    "DeliveredSpace",
     "DeliveryStats",
     "Shipper",
     "ShipperSettings",
+    "SpoolView",
     "Transformer",
 ]
 
@@ -86,7 +93,6 @@ class DeliveryStats:
     bad_frames: int = 0
     status_codes: collections.Counter[str] = attrs.field(factory=collections.Counter)
     trace_sources: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    undelivered_bytes: int = 0
     oldest_undelivered_ns: int | None = None
     last_push_seconds: float = 0.0
     push_seconds: LatencyHistogram = attrs.field(factory=LatencyHistogram)
@@ -109,16 +115,16 @@ class Transformer:
             RemoteProtocolError: the stored bytes do not decode (a spool not written by fluentforward).
         """
         tag = frame.header.tag
-        shape = self.shaper.shape
+        shape = self.shaper.shape_event
         rules = self.id_rules
         sources = self.stats.trace_sources
         out = []
-        for entry in entries_of(frame):
-            if record_filter is not None and not record_filter.time_ok(entry.time_ns):
+        for time_ns, record, metadata, group in events_of(frame):
+            if record_filter is not None and not record_filter.time_ok(time_ns):
                 continue
-            trace = extract_trace_context(entry.record, entry.metadata, rules=rules)
+            trace = extract_trace_context(record, metadata, rules=rules)
             sources[trace.source if trace is not None else "none"] += 1
-            out.append(shape(tag, entry, trace))
+            out.append(shape(tag, time_ns, record, metadata, group, trace))
         self.stats.records += len(out)
         return out
 
@@ -247,24 +253,115 @@ async def push_and_settle(
     return delivered, dead
 
 
+class SpoolView(Protocol):
+    """What the shipper needs of a spool: its directory, how far it is durable, and news of commits.
+
+    A ``Spool`` is one; a delivery child process has a view whose end follows the parent's spool.
+    """
+
+    @property
+    def directory(self) -> Path:
+        """The spool directory (segments are read from it, the cursor is saved in it)."""
+        ...
+
+    @property
+    def durable_end(self) -> Position:
+        """Everything before this position may be read."""
+        ...
+
+    def subscribe(self, listener: Callable[[Position], None]) -> None:
+        """Call ``listener(durable_end)`` whenever the durable end advances."""
+        ...
+
+
+class DeliveredSpace:
+    """Frees what delivery has passed, in the process that owns the ``Spool``.
+
+    Delivered segments older than ``retention_s`` (or beyond ``retention_bytes``) are deleted, and the
+    spool is told how many bytes lie before the cursor, so backpressure counts undelivered bytes only.
+    """
+
+    def __init__(
+        self, spool: Spool, settings: ShipperSettings, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.spool = spool
+        self.settings = settings
+        self._clock = clock
+
+    async def advance(self, cursor: Position) -> None:
+        """Apply retention and release the delivered bytes, for a cursor saved by the shipper."""
+        # stat() and listing run in a worker thread; the Spool is only touched from trio's thread.
+        await trio.to_thread.run_sync(self._advance, cursor)
+
+    def _advance(self, cursor: Position) -> None:
+        self._apply_retention(cursor)
+        self._account(cursor)
+
+    def _apply_retention(self, cursor: Position) -> None:
+        directory = self.spool.directory
+        now = self._clock()
+        kept_bytes = 0
+        sizes = {}
+        for seq in list_segments(directory):
+            if seq >= cursor.segment:
+                break
+            try:
+                stat = segment_path(directory, seq).stat()
+            except FileNotFoundError:
+                continue
+            sizes[seq] = stat.st_size
+            kept_bytes += stat.st_size
+            if now - stat.st_mtime > self.settings.retention_s:
+                kept_bytes -= trio.from_thread.run_sync(self.spool.forget_segment, seq)
+                sizes.pop(seq)
+        limit = self.settings.retention_bytes
+        for seq in sorted(sizes):
+            if limit is None or kept_bytes <= limit:
+                break
+            kept_bytes -= trio.from_thread.run_sync(self.spool.forget_segment, seq)
+
+    def _account(self, cursor: Position) -> None:
+        directory = self.spool.directory
+        delivered = 0
+        for seq in list_segments(directory):
+            if seq < cursor.segment:
+                try:
+                    delivered += segment_path(directory, seq).stat().st_size
+                except FileNotFoundError:
+                    continue
+            elif seq == cursor.segment:
+                delivered += cursor.offset
+        trio.from_thread.run_sync(self.spool.release, delivered)
+
+
 class Shipper:
-    """Ships a live spool to Loki from the persisted cursor onwards."""
+    """Ships a live spool to Loki from the persisted cursor onwards.
+
+    After every round the cursor is saved, then handed to ``on_delivered`` (and once at start, for the
+    cursor loaded from disk). By default, for a ``Spool`` of this process, that is ``DeliveredSpace``;
+    a delivery child process reports it to its parent instead.
+    """
 
     def __init__(
         self,
-        spool: Spool,
+        spool: SpoolView,
         sink: LokiSink,
         transformer: Transformer,
         settings: ShipperSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        on_delivered: Callable[[Position], Awaitable[None]] | None = None,
     ) -> None:
         self.spool = spool
         self.sink = sink
         self.transformer = transformer
         self.settings = settings or ShipperSettings()
         self.stats = transformer.stats
-        self._clock = clock
+        if on_delivered is None:
+            if not isinstance(spool, Spool):
+                raise TypeError("a spool view needs on_delivered: retention belongs to the spool's owner")
+            on_delivered = DeliveredSpace(spool, self.settings, clock=clock).advance
+        self._on_delivered = on_delivered
         self._cursors = CursorStore(spool.directory)
         self._dead = DeadLetters(spool.directory, clock=clock)
         self._wake = trio.Event()
@@ -274,7 +371,6 @@ class Shipper:
             segment=(list_segments(spool.directory) or [1])[0], offset=8
         )
         spool.subscribe(self._on_commit)
-        self._account()
 
     def _on_commit(self, _end: Position) -> None:
         self._wake.set()
@@ -284,8 +380,14 @@ class Shipper:
         """True when everything durable has been delivered."""
         return self.cursor >= self.spool.durable_end
 
+    @property
+    def auth_failed(self) -> bool:
+        """True while Loki rejects our credentials or URL (not ready)."""
+        return self.sink.auth_failed
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Deliver until cancelled."""
+        """Deliver until cancelled. Reports the loaded cursor to ``on_delivered`` before it is started."""
+        await self._on_delivered(self.cursor)
         task_status.started()
         log.info("shipper_started", url=self.sink.url, cursor=attrs.asdict(self.cursor))
         while True:
@@ -355,8 +457,9 @@ class Shipper:
         self.stats.entries_delivered += delivered
         self.stats.entries_dead_lettered += dead
         self.stats.last_push_seconds = time.monotonic() - started
+        await trio.to_thread.run_sync(self._cursors.save, end)
         self.cursor = end
-        await trio.to_thread.run_sync(self._after_round, end)
+        await self._on_delivered(end)
 
     def _shape_frame(self, frame: StoredFrame) -> list[LokiEntry]:
         try:
@@ -394,47 +497,6 @@ class Shipper:
             if not frames or end < stop:
                 end = stop
         return frames, end
-
-    def _after_round(self, end: Position) -> None:
-        self._cursors.save(end)
-        self._apply_retention()
-        self._account()
-
-    def _apply_retention(self) -> None:
-        now = self._clock()
-        delivered = [seq for seq in list_segments(self.spool.directory) if seq < self.cursor.segment]
-        kept_bytes = 0
-        sizes = {}
-        for seq in delivered:
-            path = segment_path(self.spool.directory, seq)
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            sizes[seq] = stat.st_size
-            kept_bytes += stat.st_size
-            if now - stat.st_mtime > self.settings.retention_s:
-                kept_bytes -= self.spool.forget_segment(seq)
-                sizes.pop(seq)
-        limit = self.settings.retention_bytes
-        for seq in sorted(sizes):
-            if limit is None or kept_bytes <= limit:
-                break
-            kept_bytes -= self.spool.forget_segment(seq)
-
-    def _account(self) -> None:
-        """Tell the spool how much is delivered, so backpressure counts undelivered bytes only."""
-        delivered = 0
-        for seq in list_segments(self.spool.directory):
-            if seq < self.cursor.segment:
-                try:
-                    delivered += segment_path(self.spool.directory, seq).stat().st_size
-                except FileNotFoundError:
-                    continue
-            elif seq == self.cursor.segment:
-                delivered += self.cursor.offset
-        self.spool.release(delivered)
-        self.stats.undelivered_bytes = self.spool.used_bytes
 
     async def flush(self) -> None:
         """Ship everything durable now, without waiting for batches to fill (shutdown)."""

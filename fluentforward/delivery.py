@@ -1,0 +1,686 @@
+"""Loki delivery in a child process, so that shaping never competes with acks for one core and loop.
+
+The process that owns the ``Spool`` (``serve``, or one ``--workers`` worker) runs a ``DeliveryProcess``:
+it starts ``python -m fluentforward.delivery`` and talks to it over the child's stdin and stdout. The
+child runs ``pipeline.Shipper`` against a ``RemoteSpool``, a view of the parent's spool directory whose
+durable end follows the parent's messages, and saves ``cursor.json`` itself. The parent applies
+retention and backpressure accounting (``pipeline.DeliveredSpace``) for every cursor the child reports,
+and serves the child's counters on ``/metrics`` and its Loki auth state on ``/readyz``.
+
+Each message is a 4-byte big-endian length and a msgpack map whose ``type`` says what it is:
+
+    parent -> child  start     once: option values, spool directory, durable end, logging
+                     durable   the spool's durable end advanced (only the newest is sent, one at a time)
+                     drain     ship everything durable, report, exit 0 (shutdown)
+    child -> parent  progress  cursor, counters and auth state: after every round and every second
+                     failed    the settings do not work (a file vanished); the child exits 2
+
+Invariants: the child reads only below the durable end it was told (acked, fsynced data). The cursor
+is saved before it is reported, so retention never deletes what a restarted child still needs. A
+message over ``MAX_MESSAGE_BYTES`` or not matching its type closes the pipe (the child is restarted).
+The child never outlives its parent: EOF on its stdin stops it, as do SIGTERM and SIGINT. A child that
+dies is restarted after a backoff and resumes from ``cursor.json``; one that cannot start at all fails
+the parent's start-up with its error.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import msgpack
+import structlog
+import trio
+
+from fluentforward.config import DeliverySettings
+from fluentforward.errors import ConfigError, RemoteProtocolError
+from fluentforward.pipeline import DeliveredSpace, DeliveryStats, Shipper, Transformer
+from fluentforward.records import Shaper
+from fluentforward.sinks.loki import LokiSink
+from fluentforward.spool import LatencyHistogram, Position, Spool
+
+__all__ = [
+    "CHILD_COMMAND",
+    "MAX_MESSAGE_BYTES",
+    "DeliveryProcess",
+    "MessageDecoder",
+    "MessageStream",
+    "RemoteSpool",
+    "encode_message",
+    "main",
+    "stats_from_wire",
+    "stats_to_wire",
+]
+
+log = structlog.get_logger("fluentforward.delivery")
+
+CHILD_COMMAND = (sys.executable, "-m", "fluentforward.delivery")
+# The largest message: a start message with many label templates is a few KiB and a progress message
+# well under one; a length beyond this is a broken or hostile pipe, not data worth buffering.
+MAX_MESSAGE_BYTES = 1024 * 1024
+_LENGTH = struct.Struct(">I")
+# Bytes read from a pipe at once (a pipe buffer's size).
+READ_BYTES = 64 * 1024
+PARENT_MESSAGES = frozenset({"start", "durable", "drain"})
+CHILD_MESSAGES = frozenset({"progress", "failed"})
+# The child reports its counters this often (and after every round), so /metrics lags at most this.
+STATS_INTERVAL_S = 1.0
+# Imports, settings and the cursor take well under a second; a child silent this long is stuck.
+START_TIMEOUT_S = 30.0
+# Restart backoff after a crash: 1 s doubling to 30 s, back to 1 s once a child ran a minute.
+RESTART_DELAY_MIN_S = 1.0
+RESTART_DELAY_MAX_S = 30.0
+STABLE_RUN_S = 60.0
+# A child whose stdout closed is exiting: wait this long for it before SIGTERM...
+EXIT_WAIT_S = 5.0
+# ...and this long after SIGTERM before SIGKILL.
+KILL_AFTER_S = 2.0
+EXIT_OK = 0
+EXIT_FAILED = 2
+# The child runs at a lower CPU priority: when the cores are short, the kernel serves the receive path
+# first and delivery lags into the spool (which is what the spool is for) instead of delaying acks.
+# With idle cores the child still gets all it can use.
+CHILD_NICENESS = 10
+
+
+# -- codec (pure) ------------------------------------------------------------------------------------
+
+
+def encode_message(message: Mapping[str, Any]) -> bytes:
+    """One length-delimited message (the map must have a ``type``).
+
+    Raises:
+        ValueError: the message is larger than ``MAX_MESSAGE_BYTES`` (our bug: messages are small).
+    """
+    body: bytes = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"delivery message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return _LENGTH.pack(len(body)) + body
+
+
+class MessageDecoder:
+    """Bytes read from a pipe in, messages out (sans-IO); buffers at most one message."""
+
+    def __init__(self, accept: frozenset[str], *, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self._accept = accept
+        self._max_bytes = max_bytes
+        self._buffer = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete message held (non-zero at EOF: the peer stopped mid-message)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray) -> list[dict[str, Any]]:
+        """Add bytes; return the messages they complete.
+
+        Raises:
+            RemoteProtocolError: a length over the limit, a body that is not a msgpack map with a
+                known ``type`` (the pipe must be closed: framing is lost).
+        """
+        self._buffer += data
+        out = []
+        while len(self._buffer) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(self._buffer)
+            if not 0 < size <= self._max_bytes:
+                raise RemoteProtocolError(f"delivery pipe: message length {size} (limit {self._max_bytes})")
+            if len(self._buffer) < _LENGTH.size + size:
+                break
+            body = bytes(self._buffer[_LENGTH.size : _LENGTH.size + size])
+            del self._buffer[: _LENGTH.size + size]
+            out.append(self._decode(body))
+        return out
+
+    def _decode(self, body: bytes) -> dict[str, Any]:
+        try:
+            message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except ValueError as exc:  # msgpack's errors, UnicodeDecodeError and ExtraData included
+            raise RemoteProtocolError(f"delivery pipe: undecodable message: {exc}") from None
+        if not isinstance(message, dict):
+            raise RemoteProtocolError(f"delivery pipe: a message is a map, got {type(message).__name__}")
+        kind = message.get("type")
+        if kind not in self._accept:
+            raise RemoteProtocolError(f"delivery pipe: unexpected message type {kind!r}")
+        return message
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    """``value`` if it is a ``kind`` (a bool is not an int here), else a ``RemoteProtocolError``."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise RemoteProtocolError(f"delivery pipe: {where} is not {what}")
+    return value
+
+
+def _field(message: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    return _typed(message.get(key), kind, f"{message['type']} message: {key}", what)
+
+
+def _position(message: Mapping[str, Any], key: str) -> Position:
+    value = message.get(key)
+    if isinstance(value, list) and len(value) == 2 and all(type(part) is int and part >= 0 for part in value):
+        return Position(segment=value[0], offset=value[1])
+    raise RemoteProtocolError(f"delivery pipe: {message['type']} message: {key} is not a position")
+
+
+def _wire_position(position: Position) -> list[int]:
+    return [position.segment, position.offset]
+
+
+def stats_to_wire(stats: DeliveryStats) -> dict[str, Any]:
+    """The delivery counters as plain data (a progress message's ``stats``)."""
+    out: dict[str, Any] = {}
+    for field in attrs.fields(DeliveryStats):
+        value = getattr(stats, field.name)
+        if isinstance(value, LatencyHistogram):
+            value = {"counts": value.counts, "count": value.count, "sum": value.sum}
+        elif isinstance(value, collections.Counter):
+            value = dict(value)
+        out[field.name] = value
+    return out
+
+
+def stats_from_wire(data: Any) -> DeliveryStats:
+    """Rebuild the counters of ``stats_to_wire``, checking every field's type.
+
+    Raises:
+        RemoteProtocolError: a field is missing or of the wrong type.
+    """
+    fields = _typed(data, dict, "progress message: stats", "a map")
+    stats = DeliveryStats()
+    for field in attrs.fields(DeliveryStats):
+        current = getattr(stats, field.name)
+        value = fields.get(field.name)
+        where = f"progress message: stats.{field.name}"
+        if isinstance(current, LatencyHistogram):
+            _fill_histogram(current, _typed(value, dict, where, "a histogram"), where)
+        elif isinstance(current, collections.Counter):
+            counts = _typed(value, dict, where, "a map of counts")
+            for count in counts.values():
+                _typed(count, int, where, "a map of counts")
+            current.update(counts)  # msgpack map keys are str (strict_map_key)
+        elif isinstance(current, float):
+            setattr(stats, field.name, float(_typed(value, (int, float), where, "a number")))
+        elif current is None:  # an optional integer (oldest_undelivered_ns)
+            setattr(stats, field.name, None if value is None else _typed(value, int, where, "an integer"))
+        else:
+            setattr(stats, field.name, _typed(value, int, where, "an integer"))
+    return stats
+
+
+def _fill_histogram(histogram: LatencyHistogram, data: dict[str, Any], where: str) -> None:
+    counts = _typed(data.get("counts"), list, where, "a histogram")
+    if len(counts) != len(histogram.buckets):
+        raise RemoteProtocolError(
+            f"delivery pipe: {where} has {len(counts)} buckets, not {len(histogram.buckets)}"
+        )
+    histogram.counts = [_typed(count, int, where, "a histogram") for count in counts]
+    histogram.count = _typed(data.get("count"), int, where, "a histogram")
+    histogram.sum = float(_typed(data.get("sum"), (int, float), where, "a histogram"))
+
+
+# -- pipe glue ---------------------------------------------------------------------------------------
+
+
+class MessageStream:
+    """Messages over a pair of trio byte streams; ``send`` may be called from several tasks."""
+
+    def __init__(
+        self, receive: trio.abc.ReceiveStream, send: trio.abc.SendStream, *, accept: frozenset[str]
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        self._decoder = MessageDecoder(accept)
+        self._ready: collections.deque[dict[str, Any]] = collections.deque()
+        self._lock = trio.Lock()
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next message, or None at EOF (the peer closed or died).
+
+        Raises:
+            RemoteProtocolError: see ``MessageDecoder.feed``.
+        """
+        while not self._ready:
+            try:
+                data = await self._receive.receive_some(READ_BYTES)
+            except trio.BrokenResourceError:
+                return None
+            if not data:
+                return None
+            self._ready.extend(self._decoder.feed(data))
+        return self._ready.popleft()
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """Write one message.
+
+        Raises:
+            trio.BrokenResourceError: the peer is gone.
+        """
+        data = encode_message(message)
+        async with self._lock:
+            await self._send.send_all(data)
+
+    async def aclose(self) -> None:
+        """Close both streams."""
+        await self._send.aclose()
+        await self._receive.aclose()
+
+
+# -- parent side -------------------------------------------------------------------------------------
+
+
+@attrs.define
+class _ChildRun:
+    """How one child ended."""
+
+    ready: bool = False
+    error: str | None = None  # from its "failed" message
+    broken_pipe: bool = False  # it sent something we cannot read
+    code: int | None = None
+
+
+def _child_env() -> dict[str, str]:
+    # Settings reach the child on its stdin; options in FLUENTFORWARD_* (a shared key among them) are
+    # not its business.
+    return {name: value for name, value in os.environ.items() if not name.startswith("FLUENTFORWARD_")}
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class DeliveryProcess:
+    """The parent's handle on the delivery child: the same face as ``Shipper`` for probes and metrics.
+
+    ``stats`` and ``auth_failed`` are the child's last report; ``caught_up`` compares its cursor with
+    the spool's durable end. ``run`` supervises the child; ``flush`` drains it at shutdown.
+    """
+
+    def __init__(self, spool: Spool, delivery: DeliverySettings) -> None:
+        if delivery.process is None:
+            raise ValueError("DeliveryProcess needs DeliverySettings.process")
+        self._spool = spool
+        self._process = delivery.process
+        self._space = DeliveredSpace(spool, delivery.shipper)
+        self.stats = DeliveryStats()
+        self.cursor = Position(segment=0, offset=0)  # until the child reports its own
+        self.pid: int | None = None
+        self._auth_failed = False
+        self._draining = False
+        self._drained = trio.Event()
+        self._wake = trio.Event()  # the feeder has something new to send
+        spool.subscribe(self._on_commit)
+
+    @property
+    def caught_up(self) -> bool:
+        """True when the child has delivered everything durable."""
+        return self.cursor >= self._spool.durable_end
+
+    @property
+    def auth_failed(self) -> bool:
+        """True while Loki rejects the child's credentials or URL (not ready)."""
+        return self._auth_failed
+
+    def _on_commit(self, _end: Position) -> None:
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Have the child ship everything durable and exit (shutdown); returns once it has."""
+        self._draining = True
+        self._wake.set()
+        await self._drained.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the child, restart it whenever it dies, until it has drained (``flush``) or cancelled.
+
+        Started once the first child has reported its cursor (and the spool accounted for it).
+
+        Raises:
+            ConfigError: the first child could not start (its error, or how it exited).
+        """
+        delay = RESTART_DELAY_MIN_S
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        while True:
+            began = trio.current_time()
+            run = await self._run_child(ready)
+            if self._draining and run.code == EXIT_OK and self.caught_up:
+                self._drained.set()
+                return
+            if not started:
+                raise ConfigError(
+                    f"the delivery process could not start: {run.error or _exit_text(run.code)}"
+                    + ("" if run.error else " (see its log lines above)")
+                )
+            if trio.current_time() - began >= STABLE_RUN_S:
+                delay = RESTART_DELAY_MIN_S
+            log.error(
+                "delivery_process_exited",
+                pid=self.pid,
+                code=run.code,
+                reason=run.error or _exit_text(run.code),
+                action=f"restarting in {delay:g}s; it resumes from the saved cursor",
+            )
+            await trio.sleep(delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX_S)
+
+    async def _run_child(self, ready: Callable[[], None]) -> _ChildRun:
+        run = _ChildRun()
+        try:
+            proc = await trio.lowlevel.open_process(
+                CHILD_COMMAND,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=_child_env(),
+                # Its own session: a terminal's Ctrl-C reaches the parent only, which drains the child.
+                start_new_session=True,
+            )
+        except OSError as exc:  # no memory or processes left to fork
+            run.error = f"cannot start {CHILD_COMMAND[0]}: {exc.strerror or exc}"
+            return run
+        self.pid = proc.pid
+        log.info("delivery_process_started", pid=proc.pid)
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        pipe = MessageStream(proc.stdout, proc.stdin, accept=CHILD_MESSAGES)
+        exited = False
+        try:
+            with trio.move_on_after(START_TIMEOUT_S) as startup:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._feed, pipe)
+                    await self._listen(pipe, run, ready, startup)
+                    exited = not run.broken_pipe
+                    nursery.cancel_scope.cancel()
+            if startup.cancelled_caught:
+                run.error = f"no report within {START_TIMEOUT_S:g}s"
+        finally:
+            with trio.CancelScope(shield=True):
+                run.code = await _stop(proc, pipe, patience=EXIT_WAIT_S if exited else 0.0)
+        return run
+
+    async def _listen(
+        self, pipe: MessageStream, run: _ChildRun, ready: Callable[[], None], startup: trio.CancelScope
+    ) -> None:
+        """Read the child's messages until it closes its stdout (exits) or sends something unreadable."""
+        while True:
+            try:
+                message = await pipe.receive()
+                if message is None:
+                    return
+                if message["type"] == "failed":
+                    run.error = str(_field(message, "error", str, "a string"))
+                    continue
+                cursor = _position(message, "cursor")
+                stats = stats_from_wire(message.get("stats"))
+                auth_failed = bool(_field(message, "auth_failed", bool, "a boolean"))
+            except RemoteProtocolError as exc:
+                log.error("delivery_pipe_broken", pid=self.pid, error=str(exc))
+                run.broken_pipe = True
+                return
+            self.stats = stats
+            self._auth_failed = auth_failed
+            if cursor != self.cursor or not run.ready:
+                self.cursor = cursor
+                await self._space.advance(cursor)
+            if not run.ready:
+                run.ready = True
+                startup.deadline = float("inf")
+                ready()
+
+    async def _feed(self, pipe: MessageStream) -> None:
+        """Send the start message, then each newer durable end (coalesced), then drain when asked."""
+        sent = self._spool.durable_end
+        drain_sent = False
+        process = self._process
+        start = {
+            "type": "start",
+            "options": dict(process.options),
+            "spool_dir": str(self._spool.directory),
+            "durable": _wire_position(sent),
+            "log_level": process.log_level,
+            "log_json": process.log_json,
+            "worker": process.worker,
+        }
+        try:
+            await pipe.send(start)
+            while True:
+                self._wake = trio.Event()  # replaced before reading state: no wake-up is lost
+                end = self._spool.durable_end
+                if end != sent:
+                    await pipe.send({"type": "durable", "position": _wire_position(end)})
+                    sent = end
+                elif self._draining and not drain_sent:
+                    await pipe.send({"type": "drain"})
+                    drain_sent = True
+                else:
+                    await self._wake.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the child is gone; _listen sees its stdout close
+
+
+async def _stop(proc: trio.Process, pipe: MessageStream, *, patience: float) -> int:
+    """Reap a child: let it exit for ``patience`` seconds, then SIGTERM, then SIGKILL. Returns its code."""
+    with trio.move_on_after(patience):
+        await proc.wait()
+    if proc.returncode is None:
+        proc.terminate()
+        with trio.move_on_after(KILL_AFTER_S):
+            await proc.wait()
+    if proc.returncode is None:
+        log.error(
+            "delivery_process_killed", pid=proc.pid, reason=f"still running {KILL_AFTER_S:g}s after SIGTERM"
+        )
+        proc.kill()
+    code = await proc.wait()
+    await pipe.aclose()
+    return code
+
+
+# -- child side --------------------------------------------------------------------------------------
+
+
+@attrs.define
+class RemoteSpool:
+    """The child's ``SpoolView``: the parent's spool directory and its durable end as last told."""
+
+    directory: Path
+    durable_end: Position
+    _listeners: list[Callable[[Position], None]] = attrs.field(factory=list)
+
+    def subscribe(self, listener: Callable[[Position], None]) -> None:
+        """Call ``listener(durable_end)`` when the parent reports a newer end."""
+        self._listeners.append(listener)
+
+    def advance(self, end: Position) -> None:
+        """Take a durable end from the parent (an older one than known is ignored)."""
+        if end <= self.durable_end:
+            return
+        self.durable_end = end
+        for listener in self._listeners:
+            listener(end)
+
+
+@attrs.frozen(kw_only=True)
+class _Start:
+    options: dict[str, Any] = attrs.field(repr=False)
+    spool_dir: Path
+    durable: Position
+    log_level: str
+    log_json: bool | None
+    worker: int | None
+
+
+def _start_from_wire(message: Mapping[str, Any]) -> _Start:
+    from fluentforward._logging import LOG_LEVELS  # noqa: PLC0415
+
+    if message["type"] != "start":
+        raise RemoteProtocolError(f"delivery pipe: expected a start message, got {message['type']!r}")
+    level = _field(message, "log_level", str, "a log level")
+    if level not in LOG_LEVELS:
+        raise RemoteProtocolError(f"delivery pipe: start message: log_level {level!r} is not a log level")
+    log_json = message.get("log_json")
+    worker = message.get("worker")
+    return _Start(
+        options=_field(message, "options", dict, "a map"),
+        spool_dir=Path(_field(message, "spool_dir", str, "a path")),
+        durable=_position(message, "durable"),
+        log_level=level,
+        log_json=None if log_json is None else _field(message, "log_json", bool, "a boolean or nil"),
+        worker=None if worker is None else _field(message, "worker", int, "an integer or nil"),
+    )
+
+
+async def _child_main(in_fd: int, out_fd: int) -> int:
+    from fluentforward._logging import configure_logging  # noqa: PLC0415
+    from fluentforward.cli import delivery_settings_from_wire  # noqa: PLC0415 - the child only
+
+    pipe = MessageStream(
+        trio.lowlevel.FdStream(in_fd), trio.lowlevel.FdStream(out_fd), accept=PARENT_MESSAGES
+    )
+    try:
+        with trio.fail_after(START_TIMEOUT_S):
+            message = await pipe.receive()
+        if message is None:
+            return EXIT_OK  # the parent went away before it said anything
+        start = _start_from_wire(message)
+    except (RemoteProtocolError, trio.TooSlowError) as exc:
+        configure_logging()
+        log.error("delivery_process_failed", error=str(exc) or "no start message")
+        return EXIT_FAILED
+    configure_logging(json=start.log_json, level=start.log_level)
+    structlog.contextvars.bind_contextvars(
+        process="delivery", **({} if start.worker is None else {"worker": start.worker})
+    )
+    try:
+        delivery = delivery_settings_from_wire(start.options)
+        if delivery.loki is None:
+            raise ConfigError("no Loki URL in the delivery settings")
+        sink = LokiSink(delivery.loki)
+    except ConfigError as exc:
+        log.error("delivery_process_failed", error=str(exc))
+        with contextlib.suppress(trio.BrokenResourceError):
+            await pipe.send({"type": "failed", "error": str(exc)})
+        return EXIT_FAILED
+    async with sink:
+        return await _deliver(pipe, start, delivery, sink)
+
+
+async def _deliver(pipe: MessageStream, start: _Start, delivery: DeliverySettings, sink: LokiSink) -> int:
+    view = RemoteSpool(start.spool_dir, start.durable)
+    shipper: Shipper | None = None
+    reason = "drained"
+
+    async with trio.open_nursery() as nursery:
+
+        def stop(why: str) -> None:
+            nonlocal reason
+            reason = why
+            nursery.cancel_scope.cancel()
+
+        async def report(_cursor: Position | None = None) -> None:
+            assert shipper is not None
+            message = {
+                "type": "progress",
+                "cursor": _wire_position(shipper.cursor),
+                "stats": stats_to_wire(shipper.stats),
+                "auth_failed": shipper.auth_failed,
+            }
+            try:
+                await pipe.send(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                stop("parent gone (stdout closed)")
+
+        shipper = Shipper(
+            view,
+            sink,
+            Transformer(Shaper(rules=delivery.shape_rules), delivery.id_rules),
+            delivery.shipper,
+            on_delivered=report,
+        )
+
+        async def drain() -> None:
+            assert shipper is not None
+            await shipper.flush()
+            await report()
+            stop("drained")
+
+        async def listen() -> None:
+            while True:
+                try:
+                    message = await pipe.receive()
+                    if message is None:
+                        stop("parent gone (stdin closed)")
+                        return
+                    if message["type"] == "durable":
+                        view.advance(_position(message, "position"))
+                    elif message["type"] == "drain":
+                        nursery.start_soon(drain)
+                    else:
+                        raise RemoteProtocolError("delivery pipe: a second start message")
+                except RemoteProtocolError as exc:
+                    log.error("delivery_pipe_broken", error=str(exc))
+                    stop("bad message from the parent")
+                    return
+
+        async def tick() -> None:
+            while True:
+                await trio.sleep(STATS_INTERVAL_S)
+                await report()
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    stop(signal.Signals(signum).name)
+                    return
+
+        nursery.start_soon(watch_signals)
+        nursery.start_soon(listen)
+        await nursery.start(shipper.run)
+        nursery.start_soon(tick)
+    log.info("delivery_process_stopped", reason=reason, cursor=attrs.asdict(shipper.cursor))
+    return EXIT_OK
+
+
+def main() -> None:
+    """``python -m fluentforward.delivery``: the child of a ``DeliveryProcess`` (never run by hand)."""
+    from fluentforward.app import tune_allocator, tune_gc  # noqa: PLC0415
+
+    # The protocol owns the original stdin and stdout; fd 1 becomes stderr so that a stray print can
+    # never corrupt a message, and fd 0 reads nothing.
+    protocol_in, protocol_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    os.nice(CHILD_NICENESS)
+    tune_allocator()
+    tune_gc()
+    try:
+        code = trio.run(_child_main, protocol_in, protocol_out)
+    except KeyboardInterrupt:  # a SIGINT before trio's handler was installed
+        code = EXIT_OK
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
