@@ -334,6 +334,16 @@ class DeliveredSpace:
         trio.from_thread.run_sync(self.spool.release, delivered)
 
 
+@attrs.frozen(kw_only=True)
+class _Round:
+    """A shaped round waiting to be pushed."""
+
+    batches: list[Batch]
+    end: Position  # the cursor once every batch is settled
+    oldest_ns: int | None  # receive time of the round's first frame
+    shaping_s: float
+
+
 class Shipper:
     """Ships a live spool to Loki from the persisted cursor onwards.
 
@@ -370,6 +380,8 @@ class Shipper:
         self.cursor = self._cursors.load() or Position(
             segment=(list_segments(spool.directory) or [1])[0], offset=8
         )
+        # Where the next round is read from: ahead of ``cursor`` while a prepared round waits.
+        self._read_cursor = self.cursor
         spool.subscribe(self._on_commit)
 
     def _on_commit(self, _end: Position) -> None:
@@ -386,20 +398,34 @@ class Shipper:
         return self.sink.auth_failed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Deliver until cancelled. Reports the loaded cursor to ``on_delivered`` before it is started."""
+        """Deliver until cancelled. Reports the loaded cursor to ``on_delivered`` before it is started.
+
+        Two tasks: one reads and shapes rounds, the other pushes them and moves the cursor, so the
+        next round is shaped while Loki takes the last one. At most one shaped round waits.
+        """
         await self._on_delivered(self.cursor)
         task_status.started()
         log.info("shipper_started", url=self.sink.url, cursor=attrs.asdict(self.cursor))
+        send, receive = trio.open_memory_channel[_Round](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._push_rounds, receive)
+            await self._prepare_rounds(send)
+
+    async def _prepare_rounds(self, send: trio.MemorySendChannel[_Round]) -> None:
         while True:
-            if self.caught_up:
-                self.stats.oldest_undelivered_ns = None
-                self._signal_progress()
+            if self._read_cursor >= self.spool.durable_end:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
             if not self._draining:
                 await self._wait_for_batch()
-            await self._ship_round()
+            await send.send(await self._prepare_round())
+
+    async def _push_rounds(self, receive: trio.MemoryReceiveChannel[_Round]) -> None:
+        async for prepared in receive:
+            await self._push_round(prepared)
+            if self.caught_up:
+                self.stats.oldest_undelivered_ns = None
             self._signal_progress()
 
     def _signal_progress(self) -> None:
@@ -418,32 +444,43 @@ class Shipper:
 
     def _pending_bytes(self) -> int:
         end = self.spool.durable_end
-        if end.segment == self.cursor.segment:
-            return max(0, end.offset - self.cursor.offset)
+        if end.segment == self._read_cursor.segment:
+            return max(0, end.offset - self._read_cursor.offset)
         return self.settings.batch_bytes  # at least a segment's tail: ship now
 
-    async def _ship_round(self) -> None:
+    async def _prepare_round(self) -> _Round:
+        """Read the next round from the spool and shape it into batches."""
         started = time.monotonic()
         frames, end = await trio.to_thread.run_sync(self._read_round)
-        if frames:
-            self.stats.oldest_undelivered_ns = frames[0].header.recv_time_ns
+        self._read_cursor = end
         entries: list[LokiEntry] = []
         for frame in frames:
             entries += self._shape_frame(frame)
-            # A checkpoint per frame: connection tasks run between frames, so acks stay prompt while
-            # delivery, when the CPU is short, lags into the spool. (A worker thread would not help: the
-            # work is CPU-bound under one interpreter lock, and every hand-off delays the acks.)
+            # A checkpoint per frame: connection tasks (in-process) and the push of the previous round
+            # run between frames. (A worker thread would not help: the work is CPU-bound under one
+            # interpreter lock, and every hand-off delays the acks.)
             await trio.lowlevel.checkpoint()
         self.stats.frames += len(frames)
-        delivered = dead = 0
         by_tenant: dict[str | None, list[LokiEntry]] = collections.defaultdict(list)
         for entry in entries:
             by_tenant[entry.tenant].append(entry)
-        batches = [
-            batch
-            for tenant, group in by_tenant.items()
-            for batch in _batches(group, tenant, self.settings.batch_bytes)
-        ]
+        return _Round(
+            batches=[
+                batch
+                for tenant, group in by_tenant.items()
+                for batch in _batches(group, tenant, self.settings.batch_bytes)
+            ],
+            end=end,
+            oldest_ns=frames[0].header.recv_time_ns if frames else None,
+            shaping_s=time.monotonic() - started,
+        )
+
+    async def _push_round(self, prepared: _Round) -> None:
+        """Push a round's batches until Loki took or refused every entry, then save the cursor."""
+        started = time.monotonic()
+        if prepared.oldest_ns is not None:
+            self.stats.oldest_undelivered_ns = prepared.oldest_ns
+        delivered = dead = 0
 
         async def push(batch: Batch) -> None:
             nonlocal delivered, dead
@@ -452,14 +489,14 @@ class Shipper:
             dead += x
 
         async with trio.open_nursery() as nursery:
-            for batch in batches:
+            for batch in prepared.batches:
                 nursery.start_soon(push, batch)
         self.stats.entries_delivered += delivered
         self.stats.entries_dead_lettered += dead
-        self.stats.last_push_seconds = time.monotonic() - started
-        await trio.to_thread.run_sync(self._cursors.save, end)
-        self.cursor = end
-        await self._on_delivered(end)
+        self.stats.last_push_seconds = prepared.shaping_s + time.monotonic() - started
+        await trio.to_thread.run_sync(self._cursors.save, prepared.end)
+        self.cursor = prepared.end
+        await self._on_delivered(prepared.end)
 
     def _shape_frame(self, frame: StoredFrame) -> list[LokiEntry]:
         try:
@@ -472,7 +509,7 @@ class Shipper:
     def _read_round(self) -> tuple[list[StoredFrame], Position]:
         frames: list[StoredFrame] = []
         size = 0
-        end = self.cursor
+        end = self._read_cursor
         stop = self.spool.durable_end
 
         def bad(path: Path, scan: ScanEnd) -> None:
@@ -485,7 +522,7 @@ class Shipper:
             )
 
         records = 0
-        for frame in read_frames(self.spool.directory, self.cursor, on_bad=bad, stop=stop):
+        for frame in read_frames(self.spool.directory, self._read_cursor, on_bad=bad, stop=stop):
             frames.append(frame)
             size += frame.size
             records += frame.header.record_count
