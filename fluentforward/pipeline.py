@@ -547,11 +547,10 @@ def _batches(entries: list[LokiEntry], tenant: str | None, max_bytes: int) -> It
     """Cut one tenant's entries into batches of at most max_bytes (line + metadata bytes)."""
     start = 0
     size = 0
-    for index, entry in enumerate(entries):
-        cost = entry_size(entry)
+    for index, cost in enumerate(map(entry_size, entries)):
         if size and size + cost > max_bytes:
-            yield Batch.of(entries[start:index], tenant=tenant)
+            yield Batch(tenant=tenant, entries=tuple(entries[start:index]), size=size)
             start, size = index, 0
         size += cost
     if start < len(entries):
-        yield Batch.of(entries[start:], tenant=tenant)
+        yield Batch(tenant=tenant, entries=tuple(entries[start:]), size=size)

@@ -384,10 +384,16 @@ def _text_size(text: str) -> int:
 
 def entry_size(entry: LokiEntry) -> int:
     """The bytes Loki's rate limiter charges for an entry: line plus structured metadata."""
-    size = _text_size(entry.line)
-    for name, value in entry.structured_metadata:
-        size += _text_size(name) + _text_size(value)
+    line = entry.line
+    size = len(line) if line.isascii() else _text_size(line)
+    if entry.structured_metadata:
+        # One joined string: a few C calls instead of two Python calls per pair.
+        pairs = "".join(_flatten(entry.structured_metadata))
+        size += len(pairs) if pairs.isascii() else _text_size(pairs)
     return size
+
+
+_flatten = itertools.chain.from_iterable
 
 
 @attrs.frozen(kw_only=True)
