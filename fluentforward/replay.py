@@ -22,7 +22,14 @@ import structlog
 import trio
 
 from fluentforward.errors import RemoteProtocolError
-from fluentforward.pipeline import DeadLetters, DeliveryStats, Transformer, push_and_settle
+from fluentforward.pipeline import (
+    ROUND_BYTES,
+    ROUND_RECORDS,
+    DeadLetters,
+    DeliveryStats,
+    Transformer,
+    push_and_settle,
+)
 from fluentforward.reader import RecordFilter, entries_of
 from fluentforward.sinks import LokiEntry
 from fluentforward.sinks.loki import Batch, LokiSink, entry_size
@@ -40,7 +47,9 @@ __all__ = [
 
 log = structlog.get_logger("fluentforward.replay")
 
-# Frames read from disk per step (in a worker thread), and Loki entries pushed per round.
+# Frames read from disk per step (in a worker thread), whose Loki entries are pushed together; a step
+# also ends at the shipper's round bounds (ROUND_BYTES stored, ROUND_RECORDS records), so memory stays
+# bounded whatever the frame size.
 READ_FRAMES = 256
 
 
@@ -161,12 +170,16 @@ def scan_frames(
         log.error("spool_segment_damaged", segment=str(path), offset=scan.offset, reason=scan.reason)
 
     group: list[StoredFrame] = []
+    size = records = 0
     for frame in read_frames(directory, on_bad=bad):
         if tag_ok(frame.header.tag):
             group.append(frame)
-            if len(group) >= READ_FRAMES:
+            size += frame.size
+            records += frame.header.record_count
+            if len(group) >= READ_FRAMES or size >= ROUND_BYTES or records >= ROUND_RECORDS:
                 yield group
                 group = []
+                size = records = 0
     if group:
         yield group
 

@@ -153,3 +153,17 @@ def test_replay_progress_is_exported_as_metrics(spool_dir, loki):
     text = render([({}, snapshot(AppState(state)))]).decode()
     assert "fluentforward_replay_records 30.0" in text
     assert "fluentforward_replay_running 0.0" in text
+
+
+def test_replay_reads_the_spool_in_bounded_steps(tmp_path):
+    """Replay reads frames in steps bounded by the shipper's round bounds, however many frames fit."""
+    from fluentforward.pipeline import ROUND_RECORDS  # noqa: PLC0415
+    from fluentforward.replay import scan_frames  # noqa: PLC0415
+
+    per_frame = ROUND_RECORDS // 4
+    entries = [[et(1_700_000_000), {"log": "x"}]] * per_frame
+    frame = forward("app", entries)
+    fill_spool(tmp_path / "spool", [("app", frame, per_frame)] * 10)
+    groups = list(scan_frames(tmp_path / "spool", lambda _tag: True))
+    assert [len(group) for group in groups] == [4, 4, 2]
+    assert sum(f.header.record_count for group in groups for f in group) == 10 * per_frame
