@@ -317,6 +317,8 @@ class DeliveryProcess:
         self._process = delivery.process
         self._space = DeliveredSpace(spool, delivery.shipper)
         self.stats = DeliveryStats()
+        # What earlier children counted: a restarted child starts from zero, the metrics must not.
+        self._earlier = DeliveryStats()
         self.cursor = Position(segment=0, offset=0)  # until the child reports its own
         self.pid: int | None = None
         self._auth_failed = False
@@ -364,6 +366,7 @@ class DeliveryProcess:
         while True:
             began = trio.current_time()
             run = await self._run_child(ready)
+            self._earlier = self.stats  # the exited child's last report, on top of earlier ones
             if self._draining and run.code == EXIT_OK and self.caught_up:
                 self._drained.set()
                 return
@@ -437,7 +440,7 @@ class DeliveryProcess:
                 log.error("delivery_pipe_broken", pid=self.pid, error=str(exc))
                 run.broken_pipe = True
                 return
-            self.stats = stats
+            self.stats = self._earlier.plus(stats)
             self._auth_failed = auth_failed
             if cursor != self.cursor or not run.ready:
                 self.cursor = cursor

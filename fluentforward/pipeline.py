@@ -97,6 +97,31 @@ class DeliveryStats:
     last_push_seconds: float = 0.0
     push_seconds: LatencyHistogram = attrs.field(factory=LatencyHistogram)
 
+    def plus(self, later: DeliveryStats) -> DeliveryStats:
+        """These counters followed by ``later``'s (a restarted delivery process counts from zero).
+
+        Counters and the histogram add up; the gauges (oldest undelivered, last push) are ``later``'s.
+        """
+        histogram = LatencyHistogram(self.push_seconds.buckets)
+        for source in (self.push_seconds, later.push_seconds):
+            histogram.counts = [a + b for a, b in zip(histogram.counts, source.counts, strict=True)]
+            histogram.count += source.count
+            histogram.sum += source.sum
+        return DeliveryStats(
+            frames=self.frames + later.frames,
+            records=self.records + later.records,
+            entries_delivered=self.entries_delivered + later.entries_delivered,
+            entries_dead_lettered=self.entries_dead_lettered + later.entries_dead_lettered,
+            batches=self.batches + later.batches,
+            retries=self.retries + later.retries,
+            bad_frames=self.bad_frames + later.bad_frames,
+            status_codes=self.status_codes + later.status_codes,
+            trace_sources=self.trace_sources + later.trace_sources,
+            oldest_undelivered_ns=later.oldest_undelivered_ns,
+            last_push_seconds=later.last_push_seconds,
+            push_seconds=histogram,
+        )
+
 
 class Transformer:
     """Stored frame -> Loki entries (decode, find trace ids, shape). Pure apart from counting."""

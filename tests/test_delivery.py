@@ -415,6 +415,12 @@ def _serving(
     _no_tracebacks(server)
 
 
+def _delivered_total(server: ServerProcess) -> float:
+    prefix = 'fluentforward_loki_entries_total{outcome="delivered"} '
+    lines = _get(server.http_port, "/metrics")[1].splitlines()
+    return sum(float(line.removeprefix(prefix)) for line in lines if line.startswith(prefix))
+
+
 def _stop_reason(server: ServerProcess) -> str:
     [stopped] = [e for e in server.events() if e["event"] == "delivery_process_stopped"]
     return str(stopped["reason"])
@@ -469,6 +475,8 @@ def test_killed_child_is_restarted_and_loses_nothing(tmp_path):
         _send(server.port, range(3000, 3500))
         expected = {f"id={i}" for i in range(3500)}
         _until(lambda: _lines(loki) == expected, timeout=60, what="delivery after the restart")
+        # The counters carry on from the killed child's last report: they never go backwards.
+        _until(lambda: _delivered_total(server) >= 3500, what="metrics of both children")
         assert server.stop() == 0
     [exited] = [e for e in server.events() if e["event"] == "delivery_process_exited"]
     assert exited["level"] == "error"

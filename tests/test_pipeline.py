@@ -12,7 +12,7 @@ from fluentforward.app import AppState
 from fluentforward.config import ServerConfig, parse_listen
 from fluentforward.ids import DEFAULT_RULES
 from fluentforward.metrics import render, snapshot
-from fluentforward.pipeline import CursorStore, Shipper, ShipperSettings, Transformer
+from fluentforward.pipeline import CursorStore, DeliveryStats, Shipper, ShipperSettings, Transformer
 from fluentforward.protocol import Signal
 from fluentforward.records import Shaper, build_rules
 from fluentforward.server import serve
@@ -214,3 +214,22 @@ async def test_cursor_persisted_and_restart_resumes(tmp_path, nursery, loki):
     await run_once([3])
     assert sorted(e.line for e in loki.entries()) == ["line 1", "line 2", "line 3"]
     assert len(loki.requests) == requests_before + 1
+
+
+def test_delivery_stats_plus_adds_counters_and_keeps_the_later_gauges():
+    """Counters and the push histogram add up across a restart; gauges come from the later stats."""
+    earlier = DeliveryStats(frames=2, entries_delivered=10, oldest_undelivered_ns=5, last_push_seconds=1.0)
+    earlier.status_codes["204"] = 3
+    earlier.push_seconds.observe(0.01)
+    later = DeliveryStats(frames=1, entries_delivered=4, oldest_undelivered_ns=None, last_push_seconds=0.5)
+    later.status_codes.update({"204": 1, "500": 2})
+    later.push_seconds.observe(0.01)
+    later.push_seconds.observe(100.0)
+    total = earlier.plus(later)
+    assert (total.frames, total.entries_delivered) == (3, 14)
+    assert total.status_codes == {"204": 4, "500": 2}
+    assert (total.oldest_undelivered_ns, total.last_push_seconds) == (None, 0.5)
+    assert total.push_seconds.count == 3
+    assert total.push_seconds.cumulative()[-1] == ("+Inf", 3)
+    assert sum(total.push_seconds.counts) == 2  # 100 s is above the last bucket
+    assert earlier.entries_delivered == 10  # inputs unchanged
