@@ -9,6 +9,10 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
+from fluentforward.config import ServerConfig, parse_listen
+from fluentforward.server import serve
+from fluentforward.spool import Spool, SpoolSettings
+
 # Deadlines and speed health checks measure the machine, not the code: CI shares two cores.
 _RELAXED = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", settings(deadline=None, suppress_health_check=_RELAXED, max_examples=200))
@@ -20,6 +24,30 @@ DATA = REPO / "tests" / "data"
 
 FLUENT_BIT = DATA / "fluent-bit-5.1.1"
 TRACE_VECTORS = DATA / "trace-ids" / "vectors.json"
+
+
+@pytest.fixture
+async def server(tmp_path, nursery):
+    """Start in-process servers (127.0.0.1 port 0 unless ``listen`` is given), each with a fresh spool;
+    yields ``start(**config overrides) -> ServerState``."""
+    states = []
+
+    async def start(**overrides):
+        spool = Spool.open(SpoolSettings(directory=tmp_path / f"spool{len(states)}"))
+        overrides.setdefault("listen", parse_listen("127.0.0.1:0"))
+        config = ServerConfig(spool=spool.settings, **overrides)
+        try:
+            state = await nursery.start(serve, config, spool)
+        except BaseException:
+            spool.close()
+            raise
+        states.append(state)
+        return state
+
+    yield start
+    nursery.cancel_scope.cancel()
+    for state in states:
+        state.spool.close()
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ event naming the peer and the reason, never a secret.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import signal
@@ -36,12 +37,11 @@ from typer.testing import CliRunner
 
 from fluentforward.cli import app
 from fluentforward.client import ClientAuth, ForwardClient, Frame, FrameEncoder, open_forward_client
-from fluentforward.config import ServerConfig, parse_listen, parse_networks, server_tls_context
+from fluentforward.config import parse_listen, parse_networks, server_tls_context
 from fluentforward.errors import ConfigError, RemoteProtocolError, SinkUnavailable
 from fluentforward.protocol import Entry, SharedKeyAuth
 from fluentforward.protocol._auth import encode_ping, parse_helo
-from fluentforward.server import serve
-from fluentforward.spool import Spool, SpoolSettings, read_frames
+from fluentforward.spool import read_frames
 from tests.helpers import capture, forward
 from tests.procs import REPO, ServerProcess
 
@@ -78,26 +78,9 @@ def client_auth(key: bytes = SHARED_KEY, username: str = "", password: bytes = b
 
 
 @pytest.fixture
-async def server(tmp_path, nursery):
-    """Start in-process servers (127.0.0.1 port 0 unless ``listen`` is given); yields ``start(**config)``."""
-    states = []
-
-    async def start(**overrides):
-        spool = Spool.open(SpoolSettings(directory=tmp_path / f"spool{len(states)}"))
-        overrides.setdefault("listen", parse_listen("127.0.0.1:0"))
-        config = ServerConfig(spool=spool.settings, udp_heartbeat=False, **overrides)
-        try:
-            state = await nursery.start(serve, config, spool)
-        except BaseException:
-            spool.close()
-            raise
-        states.append(state)
-        return state
-
-    yield start
-    nursery.cancel_scope.cancel()
-    for state in states:
-        state.spool.close()
+def server(server):
+    """The shared in-process server starter (conftest), with UDP heartbeats off unless asked for."""
+    return functools.partial(server, udp_heartbeat=False)
 
 
 @pytest.fixture

@@ -16,25 +16,6 @@ from fluentforward.server import serve
 from fluentforward.spool import Spool, SpoolSettings, read_frames
 from tests.helpers import captures, forward, split_objects
 
-
-@pytest.fixture
-async def server(tmp_path, nursery):
-    """A running server on 127.0.0.1 port 0 with a fresh spool; yields its ServerState."""
-    states = []
-
-    async def start(**overrides):
-        spool = Spool.open(SpoolSettings(directory=tmp_path / f"spool{len(states)}"))
-        config = ServerConfig(listen=parse_listen("127.0.0.1:0"), spool=spool.settings, **overrides)
-        state = await nursery.start(serve, config, spool)
-        states.append(state)
-        return state
-
-    yield start
-    nursery.cancel_scope.cancel()
-    for state in states:
-        state.spool.close()
-
-
 _OPEN: list[trio.SocketStream] = []
 
 
