@@ -62,6 +62,7 @@ __all__ = [
     "ShipperSettings",
     "SpoolView",
     "Transformer",
+    "batches_by_tenant",
 ]
 
 log = structlog.get_logger("fluentforward.pipeline")
@@ -486,15 +487,8 @@ class Shipper:
             # interpreter lock, and every hand-off delays the acks.)
             await trio.lowlevel.checkpoint()
         self.stats.frames += len(frames)
-        by_tenant: dict[str | None, list[LokiEntry]] = collections.defaultdict(list)
-        for entry in entries:
-            by_tenant[entry.tenant].append(entry)
         return _Round(
-            batches=[
-                batch
-                for tenant, group in by_tenant.items()
-                for batch in _batches(group, tenant, self.settings.batch_bytes)
-            ],
+            batches=batches_by_tenant(entries, self.settings.batch_bytes),
             end=end,
             oldest_ns=frames[0].header.recv_time_ns if frames else None,
             shaping_s=time.monotonic() - started,
@@ -566,6 +560,14 @@ class Shipper:
         self._wake.set()
         while not self.caught_up:
             await self._progress.wait()
+
+
+def batches_by_tenant(entries: list[LokiEntry], max_bytes: int) -> list[Batch]:
+    """Group entries by tenant (keeping their order) and cut each group into push-sized batches."""
+    by_tenant: dict[str | None, list[LokiEntry]] = collections.defaultdict(list)
+    for entry in entries:
+        by_tenant[entry.tenant].append(entry)
+    return [batch for tenant, group in by_tenant.items() for batch in _batches(group, tenant, max_bytes)]
 
 
 def _batches(entries: list[LokiEntry], tenant: str | None, max_bytes: int) -> Iterable[Batch]:

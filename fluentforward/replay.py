@@ -28,11 +28,12 @@ from fluentforward.pipeline import (
     DeadLetters,
     DeliveryStats,
     Transformer,
+    batches_by_tenant,
     push_and_settle,
 )
 from fluentforward.reader import RecordFilter, entries_of
 from fluentforward.sinks import LokiEntry
-from fluentforward.sinks.loki import Batch, LokiSink, entry_size
+from fluentforward.sinks.loki import Batch, LokiSink
 from fluentforward.spool import ScanEnd, StoredFrame, list_segments, read_frames, segment_path
 
 __all__ = [
@@ -239,19 +240,7 @@ async def _push_all(
     batch_bytes: int,
     result: ReplayResult,
 ) -> None:
-    by_tenant: dict[str | None, list[LokiEntry]] = collections.defaultdict(list)
-    for entry in entries:
-        by_tenant[entry.tenant].append(entry)
-    batches: list[Batch] = []
-    for tenant, group in by_tenant.items():
-        start = size = 0
-        for index, entry in enumerate(group):
-            cost = entry_size(entry)
-            if size and size + cost > batch_bytes:
-                batches.append(Batch.of(group[start:index], tenant=tenant))
-                start, size = index, 0
-            size += cost
-        batches.append(Batch.of(group[start:], tenant=tenant))
+    batches = batches_by_tenant(entries, batch_bytes)
 
     async def push(batch: Batch) -> None:
         delivered, rejected = await push_and_settle(sink, batch, dead, stats)
