@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 
 from fluentforward.errors import RemoteProtocolError
-from fluentforward.protocol import DEFAULT_LIMITS, Entry, EventParts, Limits, Signal, decode_frame
+from fluentforward.protocol import STORED_LIMITS, Entry, EventParts, Limits, Signal, decode_frame
 from fluentforward.spool import Position, ScanEnd, StoredFrame, read_frames
 
 __all__ = ["RecordFilter", "SpooledRecord", "entries_of", "events_of", "iter_records"]
@@ -54,7 +54,7 @@ class RecordFilter:
         return self.until_ns is None or time_ns < self.until_ns
 
 
-def events_of(frame: StoredFrame, limits: Limits = DEFAULT_LIMITS) -> list[EventParts]:
+def events_of(frame: StoredFrame, limits: Limits = STORED_LIMITS) -> list[EventParts]:
     """Decode a stored log frame into ``(time_ns, record, metadata, group)`` events, adding the peer
     address to each record when the server was told to (``--source-address-key``).
 
@@ -72,7 +72,7 @@ def events_of(frame: StoredFrame, limits: Limits = DEFAULT_LIMITS) -> list[Event
     return events
 
 
-def entries_of(frame: StoredFrame, limits: Limits = DEFAULT_LIMITS) -> list[Entry]:
+def entries_of(frame: StoredFrame, limits: Limits = STORED_LIMITS) -> list[Entry]:
     """``events_of`` as ``Entry`` values.
 
     Raises:

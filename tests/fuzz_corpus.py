@@ -9,8 +9,8 @@ Invariants:
   ``seed:index`` and replayed with ``generate(build_corpus(), seed, index)``.
 * The oracle (``check_case``) feeds a case to a fresh ``ServerConnection`` in pieces. Only
   ``RemoteProtocolError`` may escape, and it must leave the connection in ERROR. Every frame the receive
-  path accepted must decode with ``decode_frame`` under the same limits to the same tag, chunk, signal and
-  mode, with ``record_count`` entries for logs, and must fit the spool's frame header (what the server
+  path accepted must decode with ``decode_frame`` as delivery decodes stored frames (``STORED_LIMITS``:
+  what was acked under any limits must be delivered) to the same tag, chunk, signal and mode, with ``record_count`` entries for logs, and must fit the spool's frame header (what the server
   does next with it).
 * ``run_range`` gives each case at most ``SLOW_CPU_SECONDS`` of CPU time and stops it with an alarm after
   ``HANG_SECONDS`` of wall time; ``run_parallel`` also watches its workers for a hang in C code.
@@ -53,6 +53,7 @@ from fluentforward.client import (
 from fluentforward.errors import RemoteProtocolError
 from fluentforward.protocol import (
     DEFAULT_LIMITS,
+    STORED_LIMITS,
     EntriesReceived,
     Limits,
     ServerConnection,
@@ -1667,13 +1668,13 @@ def check_accepted(
     """Check a frame the receive path accepted: (kind, error, where) for every broken promise.
 
     ``facts`` is what the receive path said about it: the event, or the header the spool stored with it.
-    The frame must decode under the same limits to the same tag, chunk, signal and mode, with
+    The frame must decode as delivery decodes it (``STORED_LIMITS``) to the same tag, chunk, signal and mode, with
     ``record_count`` entries for logs, and must fit the spool's frame header.
     """
     problems: list[tuple[str, str, str]] = []
     said = (facts.tag, facts.chunk or None, facts.signal, facts.mode)
     try:
-        decoded = decode_frame(raw, limits)
+        decoded = decode_frame(raw, STORED_LIMITS)
     except Exception as exc:
         problems.append(("decode", _error(exc), _where(exc)))
     else:

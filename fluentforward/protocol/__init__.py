@@ -27,10 +27,11 @@ from fluentforward.protocol._events import (
     Signal,
 )
 from fluentforward.protocol._eventtime import event_time
-from fluentforward.protocol._limits import DEFAULT_LIMITS, Limits
+from fluentforward.protocol._limits import DEFAULT_LIMITS, STORED_LIMITS, Limits
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "STORED_LIMITS",
     "Ack",
     "DecodedFrame",
     "EntriesReceived",

@@ -25,8 +25,8 @@ import msgpack
 
 from fluentforward.errors import LocalProtocolError, RemoteProtocolError
 from fluentforward.protocol import _auth
+from fluentforward.protocol._decode import RequestInfo, inspect_request, validate_request
 from fluentforward.protocol._decode import decode_raw_request as _decode_raw
-from fluentforward.protocol._decode import validate_request
 from fluentforward.protocol._events import (
     Ack,
     EntriesReceived,
@@ -79,7 +79,8 @@ class ServerConnection:
         self._auth_salt = auth_salt if auth is not None and auth.user_auth else b""
         self._limits = limits
         # The unpacker only finds where each request ends (skip() builds no objects and keeps no
-        # consumed bytes); the request's bytes are kept once, in self._chunks, then decoded whole.
+        # consumed bytes); the request's bytes are kept once, in self._chunks, then inspected
+        # (``inspect_request``) or, when that cannot vouch for them, decoded whole.
         # A small first buffer: msgpack's default is up to 1 MiB per connection.
         self._unpacker = msgpack.Unpacker(
             max_buffer_size=limits.max_frame_bytes, read_size=min(FEED_SLICE, limits.max_frame_bytes)
@@ -156,6 +157,10 @@ class ServerConnection:
             end = self._unpacker.tell()
             start = self._base
             raw = self._take(end - start)
+            info = inspect_request(raw, start, self._limits) if self.state is State.ESTABLISHED else None
+            if info is not None:  # the common case: records checked in place, none built
+                events.append(self._received(info, raw, start))
+                continue
             event = self._handle(_decode_raw(raw, start, self._limits), raw, start)
             if event is not None:
                 events.append(event)
@@ -184,7 +189,9 @@ class ServerConnection:
             return self._handshake(request, start)
         if request is None:  # TCP heartbeat (Fluentd, Vector ignore it too)
             return Heartbeat()
-        info = validate_request(request, start, self._limits)
+        return self._received(validate_request(request, start, self._limits), raw, start)
+
+    def _received(self, info: RequestInfo, raw: bytes, start: int) -> EntriesReceived:
         return EntriesReceived(
             tag=info.tag,
             signal=info.signal,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import struct
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -41,7 +42,7 @@ from fluentforward.protocol._eventtime import (
     GROUP_START_SECONDS,
     event_time_parts,
 )
-from fluentforward.protocol._limits import DEFAULT_LIMITS, Limits
+from fluentforward.protocol._limits import DEFAULT_LIMITS, STORED_LIMITS, Limits
 
 __all__ = [
     "GROUP_END",
@@ -96,10 +97,11 @@ def _no_gc() -> Iterator[None]:
         gc.enable()
 
 
-def _bounded(limits: Limits) -> dict[str, int]:
-    """Array and map length caps for unpacking: no container may be larger than a whole frame's
-    entry limit, so a small request cannot make us build millions of objects."""
-    cap = limits.max_entries_per_frame
+def _bounded(limits: Limits, size: int) -> dict[str, int]:
+    """Array and map length caps for unpacking ``size`` bytes: no container may be larger than a
+    whole frame's entry limit, so a small request cannot make us build millions of objects, nor claim
+    more elements than it has bytes (msgpack allocates a container's slots from its header)."""
+    cap = min(limits.max_entries_per_frame, max(size, 1))
     return {"max_array_len": cap, "max_map_len": cap}
 
 
@@ -117,10 +119,51 @@ def decode_raw_request(raw: bytes, where: int, limits: Limits = DEFAULT_LIMITS) 
             offset=where,
         )
     try:
-        with _no_gc():
-            return msgpack.unpackb(raw, **_UNPACK_RAW, **_bounded(limits))
+        return _unpackb(raw, _UNPACK_RAW, limits)
     except Exception as exc:
         raise RemoteProtocolError(f"invalid msgpack ({type(exc).__name__})", offset=where) from exc
+
+
+def _unpackb(data: bytes, options: dict[str, Any], limits: Limits) -> Any:
+    """``msgpack.unpackb`` with the GC paused and the container caps of ``limits``.
+
+    A map key that is an array, a map or an ext value is valid msgpack but cannot be a Python dict
+    key: the map is then decoded again with such keys turned into text (``_hashable_pairs``), so a
+    record that carries one is kept, not rejected (or, stored, left undeliverable).
+    """
+    with _no_gc():
+        try:
+            return msgpack.unpackb(data, **options, **_bounded(limits, len(data)))
+        except TypeError:  # unhashable key; any other error is the caller's to report
+            return msgpack.unpackb(
+                data, **options, **_bounded(limits, len(data)), object_pairs_hook=_hashable_pairs
+            )
+
+
+def _hashable_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        try:
+            hash(key)
+            out[key] = value
+        except TypeError:
+            out[_key_text(key)] = value
+    return out
+
+
+def _key_text(key: Any) -> str:
+    """A readable, deterministic text for an unhashable map key (array, map, ext)."""
+    if isinstance(key, list | tuple):
+        return "[" + ", ".join(map(_key_text, key)) + "]"
+    if isinstance(key, dict):
+        return "{" + ", ".join(f"{_key_text(k)}: {_key_text(v)}" for k, v in key.items()) + "}"
+    if isinstance(key, slice):
+        return f"ext({key.start}, {bytes(key.stop).hex()})"
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes):
+        return key.decode("utf-8", "surrogateescape")
+    return repr(key)
 
 
 class Mode:
@@ -285,6 +328,12 @@ def _split_entry(entry: Any, where: int, index: int) -> tuple[int, Any, dict[Any
     head, record = entry
     if type(record) is not dict:
         raise RemoteProtocolError(f"entry {index}: record is {_kind(record)}, not a map", offset=where)
+    time_ns, metadata = _split_head(head, where, index)
+    return time_ns, metadata, record
+
+
+def _split_head(head: Any, where: int, index: int) -> tuple[int, Any]:
+    """Check an entry's ``time`` or ``[time, metadata]``; return the time in ns and the metadata."""
     metadata: Any = None
     if type(head) is list:  # v1.5 / Fluent Bit v2: [time, metadata]
         if not 1 <= len(head) <= 2:
@@ -296,7 +345,7 @@ def _split_entry(entry: Any, where: int, index: int) -> tuple[int, Any, dict[Any
                     f"entry {index}: metadata is {_kind(metadata)}, not a map", offset=where
                 )
         head = head[0]
-    return _time_ns(head, where, index), metadata, record
+    return _time_ns(head, where, index), metadata
 
 
 def _inflate(data: bytes, compressed: bytes | None, limits: Limits, where: int) -> bytes:
@@ -404,21 +453,22 @@ def _packed_stream(
     count, clean = _check_stream_count(inflated, limits, where)
     if clean:
         # A well-formed stream of `count` entries is an array body: one C call decodes it all,
-        # instead of a Python iteration per entry (the copy costs far less than the loop).
+        # instead of a Python iteration per entry (the copy costs far less than the loop). The
+        # array adds one level of nesting: a stream at msgpack's depth limit, or any other error,
+        # is left to the loop below, which decodes it entry by entry or says where it breaks.
         try:
-            with _no_gc():
-                entries: list[Any] = msgpack.unpackb(
-                    _array_header(count) + inflated,
-                    **(_UNPACK_TEXT if text else _UNPACK_RAW),
-                    **_bounded(limits),
-                )
-        except Exception as exc:  # msgpack raises several types; all mean a corrupt stream
-            raise RemoteProtocolError(
-                f"packed entries are not a msgpack stream: {type(exc).__name__}", offset=where
-            ) from exc
-        return mode, entries
+            entries: list[Any] = _unpackb(
+                _array_header(count) + inflated, _UNPACK_TEXT if text else _UNPACK_RAW, limits
+            )
+        except Exception:  # noqa: S110 (the loop reports it)
+            pass
+        else:
+            return mode, entries
     unpacker = msgpack.Unpacker(
-        max_buffer_size=max(len(inflated), 1), **(_UNPACK_TEXT if text else _UNPACK_RAW), **_bounded(limits)
+        max_buffer_size=max(len(inflated), 1),
+        **(_UNPACK_TEXT if text else _UNPACK_RAW),
+        **_bounded(limits, len(inflated)),
+        object_pairs_hook=_hashable_pairs,  # a rare path: no need to try plain dicts first
     )
     unpacker.feed(inflated)
     entries = []
@@ -522,6 +572,185 @@ def validate_request(request: Any, where: int, limits: Limits = DEFAULT_LIMITS) 
     return RequestInfo(tag=tag, mode=mode, signal=options.signal, record_count=count, chunk=options.chunk)
 
 
+# Type bytes (msgpack spec): which first bytes start a map, an array, or a str/bin.
+_MAP_START = bytes(1 if 0x80 <= b <= 0x8F or b in (0xDE, 0xDF) else 0 for b in range(256))
+_ARRAY_START = bytes(1 if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD) else 0 for b in range(256))
+_BYTES_START = bytes(
+    1 if 0xA0 <= b <= 0xBF or b in (0xD9, 0xDA, 0xDB, 0xC4, 0xC5, 0xC6) else 0 for b in range(256)
+)
+
+
+class _UnsureError(Exception):
+    """``inspect_request`` cannot vouch for a request; the full decode decides."""
+
+
+def inspect_request(raw: bytes, where: int, limits: Limits = DEFAULT_LIMITS) -> RequestInfo | None:
+    """Validate a Forward or PackedForward request without building its records (receive path).
+
+    Decoding every record only to check that it is a map costs most of the receive path: here the
+    records are stepped over with ``Unpacker.skip()`` (well-formedness checked in C, no objects
+    built) after their first byte shows a map, and only the small parts are decoded: tag, entry
+    heads (time, metadata), options. The frame's bytes go to the spool as they are; delivery decodes
+    them once (``decode_frame``).
+
+    This is a fast path, never a second set of rules: it returns None whenever it cannot vouch for
+    the request (Message mode, a heartbeat, anything unusual or invalid), and the caller then decodes
+    the request whole with ``decode_raw_request`` + ``validate_request``, which accepts or rejects it
+    with the precise reason. What it accepts, ``validate_request`` accepts with the same
+    ``RequestInfo``, and ``decode_frame`` decodes (tests check both on generated requests).
+    """
+    try:
+        return _inspect(raw, where, limits)
+    except Exception:  # _UnsureError, msgpack's errors, a RemoteProtocolError: the full decode reports
+        return None
+
+
+def _inspect(raw: bytes, where: int, limits: Limits) -> RequestInfo:
+    unpacker = msgpack.Unpacker(max_buffer_size=len(raw), **_UNPACK_RAW, **_bounded(limits, len(raw)))
+    unpacker.feed(raw)
+    n = unpacker.read_array_header()
+    if n not in (2, 3):  # Forward and PackedForward only: a Message (3-4) takes the full decode
+        raise _UnsureError
+    tag = unpacker.unpack()
+    if not isinstance(tag, bytes) or len(tag) > limits.max_tag_bytes:
+        raise _UnsureError
+    second = raw[unpacker.tell()]
+    if _ARRAY_START[second]:
+        count = unpacker.read_array_header()
+        if count > limits.max_entries_per_frame:
+            raise _UnsureError
+        records = _walk_entries(unpacker, raw, count, where)
+        payload = None
+    elif _BYTES_START[second]:
+        payload = unpacker.unpack()
+        records = 0
+    else:
+        raise _UnsureError
+    raw_options = unpacker.unpack() if n == 3 else None
+    options = _parse_options(raw_options, where)
+    if unpacker.tell() != len(raw):
+        raise _UnsureError
+    mode = Mode.FORWARD
+    if options.signal is not Signal.LOGS:
+        size = _opt(raw_options, "size") if raw_options is not None else None
+        records = size if type(size) is int and 0 <= size <= MAX_RECORD_COUNT else 1
+        mode = Mode.PACKED if payload is not None else Mode.FORWARD
+    elif payload is not None:
+        inflated = _inflate(payload, options.compressed, limits, where)
+        mode = Mode.COMPRESSED if inflated is not payload else Mode.PACKED
+        stream = msgpack.Unpacker(
+            max_buffer_size=max(len(inflated), 1), **_UNPACK_RAW, **_bounded(limits, len(inflated))
+        )
+        stream.feed(inflated)
+        records = _walk_entries(stream, inflated, None, where, limits.max_entries_per_frame)
+    return RequestInfo(
+        tag=_text(tag), mode=mode, signal=options.signal, record_count=records, chunk=options.chunk
+    )
+
+
+# The entry shapes nearly every client sends, recognised by their first bytes: Fluent Bit v2+
+# ``[[EventTime, {}], record]`` and Fluentd/fluent-logger ``[EventTime, record]`` (fixext8 type 0).
+_METADATA_ENTRY = b"\x92\x92\xd7\x00"
+_EVENT_TIME_ENTRY = b"\x92\xd7\x00"
+_TIME_PAIR = struct.Struct(">II")
+
+
+def _walk_entries(
+    unpacker: msgpack.Unpacker, data: bytes, count: int | None, where: int, most: int = 0
+) -> int:
+    """Step over ``count`` entries (or, with None, entries up to the end of ``data``, at most
+    ``most``) without building their records; return the number of log events.
+
+    The two common entry shapes are checked from their bytes (a map must follow the head); any
+    other entry has its head decoded and checked by ``_split_head``. ``skip()`` checks a record is
+    well-formed but, building nothing, not what only decoding checks: the length of a msgpack
+    timestamp (ext type -1). A record that may hold one is left to the full decode.
+    """
+    read_header = unpacker.read_array_header
+    unpack = unpacker.unpack
+    skip = unpacker.skip
+    tell = unpacker.tell
+    time_pair = _TIME_PAIR.unpack_from
+    starts = data.startswith
+    is_map = _MAP_START
+    end = len(data)
+    suspects = _timestamp_candidates(data)
+    suspect = suspects[0] if suspects else end  # the next one not yet placed
+    record_start = end  # of the previous entry (none yet)
+    records = index = 0
+    while index < count if count is not None else tell() < end:
+        if count is None and index >= most:
+            raise _UnsureError
+        at = tell()
+        if suspect < at:  # inside the previous record, or in a head (decoded or matched: harmless)
+            suspect = _place_suspects(suspects, record_start, at)
+        if starts(_METADATA_ENTRY, at) and data[at + 12] == 0x80 and is_map[data[at + 13]]:
+            seconds, nanos = time_pair(data, at + 4)
+            record_start = at + 13
+        elif starts(_EVENT_TIME_ENTRY, at) and is_map[data[at + 11]]:
+            seconds, nanos = time_pair(data, at + 3)
+            record_start = at + 11
+        else:
+            seconds = nanos = _NS  # not a common shape: decode and check the head
+        if nanos < _NS and seconds < GROUP_END_SECONDS:
+            skip()
+            records += 1
+        else:
+            if read_header() != 2:
+                raise _UnsureError
+            head = unpack()
+            record_start = tell()
+            if not is_map[data[record_start]]:
+                raise _UnsureError
+            skip()
+            if _split_head(head, where, index)[0] >= 0:
+                records += 1
+        index += 1
+    if suspect < end:
+        _place_suspects(suspects, record_start, tell())
+    return records
+
+
+# Header bytes of an ext value of type -1 (msgpack's timestamp): fixext 1/2/4/8/16, then ext 8/16/32
+# with the type after a 1/2/4-byte length. At most this many 0xFF bytes per KiB are looked at.
+_FIXEXT_HEADS = range(0xD4, 0xD9)
+_MAX_FF_PER_KIB = 16
+
+
+def _timestamp_candidates(data: bytes) -> list[int]:
+    """Positions where an ext type -1 header could start: every 0xFF byte preceded by an ext header
+    byte at the right distance. Text never contains 0xFF; in log records it comes from binary
+    values and EventTime bytes, so there are few, and fewer candidates.
+
+    Raises:
+        _UnsureError: too many 0xFF bytes to look at each one.
+    """
+    if data.count(b"\xff") > _MAX_FF_PER_KIB * (len(data) // 1024 + 1):
+        raise _UnsureError
+    found: set[int] = set()
+    i = data.find(b"\xff", 1)
+    while i != -1:
+        if data[i - 1] in _FIXEXT_HEADS:
+            found.add(i - 1)
+        for distance, head in ((2, 0xC7), (3, 0xC8), (5, 0xC9)):
+            if i >= distance and data[i - distance] == head:
+                found.add(i - distance)
+        i = data.find(b"\xff", i + 1)
+    return sorted(found)
+
+
+def _place_suspects(suspects: list[int], record_start: int, record_end: int) -> int:
+    """Drop the candidates before ``record_end``; return the next one (or a position past the end).
+
+    Raises:
+        _UnsureError: a candidate lies inside the record ``[record_start, record_end)``.
+    """
+    while suspects and suspects[0] < record_end:
+        if suspects.pop(0) >= record_start:
+            raise _UnsureError
+    return suspects[0] if suspects else 2**63
+
+
 def _events_with_groups(raw_entries: list[Any], where: int) -> list[EventParts]:
     events: list[EventParts] = []
     append = events.append
@@ -535,8 +764,8 @@ def _events_with_groups(raw_entries: list[Any], where: int) -> list[EventParts]:
     return events
 
 
-def decode_frame(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedFrame:
-    """Decode a whole stored frame into entries (delivery path).
+def decode_frame(raw: bytes, limits: Limits = STORED_LIMITS) -> DecodedFrame:
+    """Decode a whole stored frame into entries (delivery path; see ``STORED_LIMITS``).
 
     Raises:
         RemoteProtocolError: the bytes are not one valid Forward request.
@@ -545,10 +774,7 @@ def decode_frame(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedFrame:
     try:
         # PackedForward payloads are decoded with raw=True first: Fluentd sends them as str32 holding
         # binary, which must not go through a UTF-8 decoder.
-        with _no_gc():
-            request = msgpack.unpackb(
-                raw, **(_UNPACK_RAW if mode_hint == Mode.PACKED else _UNPACK_TEXT), **_bounded(limits)
-            )
+        request = _unpackb(raw, _UNPACK_RAW if mode_hint == Mode.PACKED else _UNPACK_TEXT, limits)
     except Exception as exc:
         raise RemoteProtocolError(f"frame is not one msgpack object: {type(exc).__name__}", offset=0) from exc
     tag, mode, options = _head(request, 0, limits)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import attrs
 
-__all__ = ["DEFAULT_LIMITS", "Limits"]
+__all__ = ["DEFAULT_LIMITS", "STORED_LIMITS", "Limits"]
 
 # Fluent Bit flushes chunks of about 2 MB and its in_forward caps a frame at 6 MB by default; Fluentd's
 # memory buffer chunks are 8 MB. 32 MiB leaves room for Fluentd file buffers with a reduced
@@ -59,3 +59,14 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+# Stored frames were validated when they were received, under the server's limits, which an operator
+# may have raised above the defaults. Decoding them again for delivery (shipper, replay, spool cat)
+# must not refuse what was acked, so it applies only these ceilings: a frame's own size already
+# bounds what decoding it builds.
+STORED_LIMITS = Limits(
+    max_frame_bytes=2**62,
+    max_decompressed_bytes=2**62,  # (zlib takes the cap + 1 as a C ssize_t)
+    max_entries_per_frame=2**32 - 1,
+    max_tag_bytes=MAX_TAG_BYTES_LIMIT,
+)

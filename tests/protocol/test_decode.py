@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fluentforward.errors import RemoteProtocolError
-from fluentforward.protocol import Limits, Mode, Signal, decode_frame, validate_request
+from fluentforward.protocol import STORED_LIMITS, Limits, Mode, Signal, decode_frame, validate_request
+from fluentforward.protocol._decode import decode_raw_request, inspect_request
 from tests.helpers import capture, captures, compressed, et, forward, message, pack, packed, packed_entries
 
 RECORD = {
@@ -318,3 +319,202 @@ def test_decode_frame_of_any_bytes_raises_only_protocol_error(data):
     """decode_frame on arbitrary bytes never raises anything but RemoteProtocolError."""
     with contextlib.suppress(RemoteProtocolError):
         decode_frame(data)
+
+
+# --- inspect_request: the receive path's fast way (records stepped over, not built) ---------------------
+
+
+def _full(raw: bytes, limits: Limits | None = None) -> Any:
+    """The full receive path's verdict: its RequestInfo, or the RemoteProtocolError it raises."""
+    try:
+        return validate_request(decode_raw_request(raw, 0, limits or Limits()), 0, limits or Limits())
+    except RemoteProtocolError as exc:
+        return exc
+
+
+def _agrees(raw: bytes, limits: Limits | None = None) -> Any:
+    """What inspect_request accepts, the full path accepts alike, and decode_frame decodes."""
+    fast = inspect_request(raw, 0, limits or Limits())
+    full = _full(raw, limits)
+    if fast is not None:
+        assert fast == full, (fast, full)
+        frame = decode_frame(raw)
+        assert len(frame.events) == (fast.record_count if fast.signal is Signal.LOGS else 0)
+    return fast
+
+
+@pytest.mark.parametrize("path", captures(), ids=lambda p: p.name)
+def test_inspect_agrees_on_every_capture(path):
+    """Every real Fluent Bit / Fluentd / client capture: inspected as the full path reads it."""
+    for raw in _frames(path.name):
+        _agrees(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        forward("t", [[et(1, 2), {"a": 1}], [[et(3, 4), {}], {"b": 2}]]),
+        forward("t", [[5, {"a": 1}], [[6, {"m": 1}], {"b": 2}], [1.5, {"c": 3}]], {"chunk": "abc"}),
+        packed("t", [[et(1, 2), {"a": 1}], [7, {"b": 2}]], {"chunk": b"bin-chunk"}),
+        packed("t", [[et(1, 2), {"a": 1}]], as_str=True),
+        compressed("t", [[[et(1, 2), {}], {"a": 1}]] * 3, {"chunk": "c"}),
+        forward("t", [[[et(0xFFFFFFFF, 0), {}], {"resource": {}}], [[et(9, 0), {}], {"x": 1}]]),
+        forward("t", []),
+        pack([b"\xff\xfe-bin-tag", [[et(1), {"k": 1}]]]),
+    ],
+    ids=[
+        "forward",
+        "int-metadata-float",
+        "packed-bin-chunk",
+        "packed-str",
+        "gzip",
+        "otlp-group",
+        "empty",
+        "bin-tag",
+    ],
+)
+def test_inspect_accepts_what_the_full_path_accepts(raw):
+    assert _agrees(raw) is not None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        message("t", 1, {"a": 1}),  # Message mode: one record, nothing to gain
+        pack(None),  # heartbeat
+        forward("t", [[et(1, 2), ["not", "a", "map"]]]),
+        forward("t", [[et(1, 2), {"a": 1}, "extra"]]),
+        forward("t", [[et(1, 10**9), {"a": 1}]]),  # nanoseconds out of range
+        forward("t", [[-5, {"a": 1}]]),
+        pack(["t", [[et(1), {"a": 1}]], {"chunk": 5}]),
+        pack(["t", [[et(1), {"a": 1}]], {"fluent_signal": 9}]),
+        pack(["t", [[et(1), {"a": 1}]], {}, "fourth"]),
+        forward("t", [[et(1), {"a": 1}]])[:-1],
+    ],
+    ids=[
+        "message",
+        "heartbeat",
+        "record-array",
+        "entry-arity",
+        "nanos",
+        "negative-time",
+        "chunk-int",
+        "signal",
+        "arity4",
+        "truncated",
+    ],
+)
+def test_inspect_defers_anything_unusual_or_invalid(raw):
+    """None sends the request to the full decode, which accepts it or names the fault."""
+    assert _agrees(raw) is None
+
+
+def _timestamp_ext(length: int) -> bytes:
+    """A msgpack ext of type -1 (timestamp) with ``length`` payload bytes, as raw msgpack."""
+    heads = {1: b"\xd4", 2: b"\xd5", 4: b"\xd6", 8: b"\xd7", 16: b"\xd8"}
+    head = heads.get(length, b"\xc7" + bytes([length]))
+    return head + b"\xff" + b"\x00" * length
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 8, 12, 16])
+def test_timestamp_ext_inside_a_record_is_left_to_the_full_decode(length):
+    """skip() does not check a timestamp's length; decoding does. A record holding an ext -1 must not be
+    vouched for by the fast path: a bad length would be acked and then never decode for delivery."""
+    record = b"\x81\xa2ts" + _timestamp_ext(length)
+    raw = b"\x93" + pack("t") + b"\x91\x92" + pack([et(1, 2), {}]) + record + pack({"chunk": "c"})
+    assert inspect_request(raw, 0) is None
+    full = _full(raw)
+    if length in (4, 8, 12):
+        assert not isinstance(full, Exception)
+        assert len(decode_frame(raw).events) == 1
+    else:
+        assert isinstance(full, RemoteProtocolError)
+
+
+def test_inspect_ignores_timestamp_like_bytes_in_entry_heads():
+    """EventTime bytes that happen to read as an ext -1 header (d7 ff) are not records: still fast."""
+    raw = forward("t", [[[et(0x01D7FF00, 0x00D7FF01), {}], {"a": 1}]] * 4)
+    assert b"\xd7\xff" in raw
+    assert _agrees(raw) is not None
+
+
+def test_unhashable_map_keys_are_kept_as_text():
+    """An array or map as a record key is valid msgpack but no Python dict key: kept, as text."""
+    record = b"\x82" + pack([1, 2]) + pack("v1") + pack({"k": 1}) + pack("v2")
+    raw = pack(["t", [[et(1), {}]]])
+    raw = raw.replace(b"\x80", record, 1)
+    fast = _agrees(raw)
+    assert fast is not None
+    assert not isinstance(_full(raw), Exception)
+    (event,) = decode_frame(raw).events
+    assert event[1] == {"[1, 2]": "v1", "{k: 1}": "v2"}
+
+
+def test_stored_frames_decode_beyond_the_default_limits():
+    """A server with raised limits acks frames the defaults would refuse; delivery must decode them."""
+    raw = forward("t", [[et(1), {"a": 1}]] * 12)
+    tight = Limits(max_entries_per_frame=10)
+    assert inspect_request(raw, 0, tight) is None
+    assert isinstance(_full(raw, tight), RemoteProtocolError)
+    assert len(decode_frame(raw, STORED_LIMITS).events) == 12
+    assert len(decode_frame(raw).events) == 12
+
+
+def test_packed_stream_at_the_depth_limit_still_decodes():
+    """Delivery decodes a clean packed stream as one array, one level deeper than its entries: at
+    msgpack's depth limit that fails, and the entry-by-entry decode takes over."""
+    depth = 1
+    while True:
+        nested: Any = "x"
+        for _ in range(depth):
+            nested = [nested]
+        entries = packed_entries([[et(1), {"deep": nested}]])
+        try:
+            msgpack.unpackb(b"\x91" + entries, strict_map_key=False)
+        except msgpack.StackError:
+            break
+        depth += 1
+    raw = packed("t", [[et(1), {"deep": nested}]])
+    fast = _agrees(raw)
+    if fast is not None:
+        assert len(decode_frame(raw).events) == 1
+
+
+entry_heads = st.sampled_from(
+    [
+        et(1, 2),
+        et(1_700_000_000, 999_999_999),
+        17,
+        2.5,
+        [et(3, 4)],
+        [et(3, 4), {}],
+        [et(5), {"m": "x"}],
+        et(0xFFFFFFFF),
+        et(0xFFFFFFFE),
+        -1,
+        -3,
+        "nope",
+        [et(1), []],
+        et(1, 10**9),
+    ]
+)
+records = st.dictionaries(st.text(max_size=5) | st.binary(max_size=5), json_like, max_size=4) | json_like
+
+
+@given(
+    st.lists(st.tuples(entry_heads, records), max_size=6),
+    st.sampled_from(["forward", "packed", "gzip"]),
+    st.sampled_from([None, {"chunk": "c"}, {"chunk": b"c", "size": 3}, {"fluent_signal": 1, "size": 2}]),
+    st.data(),
+)
+def test_inspect_never_vouches_for_what_the_full_path_refuses(entries, mode, options, data):
+    """Generated frames, valid and not, then a few mutated bytes: whenever the fast path answers, the
+    full path answers the same and the stored frame decodes with that many events."""
+    pairs = [list(pair) for pair in entries]
+    raw = {"forward": forward, "packed": packed, "gzip": compressed}[mode]("t", pairs, options)
+    if data.draw(st.booleans()):
+        raw = bytearray(raw)
+        for _ in range(data.draw(st.integers(1, 3))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        raw = bytes(raw)
+    _agrees(raw)
