@@ -106,6 +106,27 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / CLK_TCK
 
 
+DELIVERY_MODULE = b"fluentforward.delivery"
+
+
+def _is_delivery(pid: int) -> bool:
+    try:
+        return DELIVERY_MODULE in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def tree_cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds of ``pid``'s tree split into ``deliver`` (``fluentforward.delivery`` child processes,
+    with their own reaped children) and ``receive`` (everything else: the server, its workers)."""
+    ticks = {"receive": 0, "deliver": 0}
+    for member in process_tree(pid):
+        fields = _stat_fields(member)
+        if fields is not None:
+            ticks["deliver" if _is_delivery(member) else "receive"] += sum(int(v) for v in fields[11:15])
+    return {role: count / CLK_TCK for role, count in ticks.items()}
+
+
 def _status_kb(pid: int, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
