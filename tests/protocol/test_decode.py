@@ -518,3 +518,32 @@ def test_inspect_never_vouches_for_what_the_full_path_refuses(entries, mode, opt
             raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
         raw = bytes(raw)
     _agrees(raw)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [[[et(1, 10**9), {}], {"a": 1}], [et(1, 10**9), {"a": 1}], [[et(1, 2**32 - 1)], {"a": 1}]],
+    ids=["metadata-form", "event-time-form", "one-element-head"],
+)
+def test_decode_frame_refuses_eventtime_nanoseconds_out_of_range(entry):
+    """The delivery decoder's inlined common-entry path checks what _split_entry checks."""
+    with pytest.raises(RemoteProtocolError, match="nanoseconds"):
+        decode_frame(forward("t", [entry]))
+
+
+def test_decode_frame_common_entries_keep_metadata_and_groups():
+    raw = forward(
+        "t",
+        [
+            [[et(0xFFFFFFFF, 0), {"g": 1}], {"resource": "r"}],
+            [[et(5, 6), {"m": "x"}], {"a": 1}],
+            [et(7, 8), {"b": 2}],
+            [[et(0xFFFFFFFE, 0), {}], {}],
+            [[et(9, 0), {}], {"c": 3}],
+        ],
+    )
+    assert decode_frame(raw).events == [
+        (5_000_000_006, {"a": 1}, {"m": "x"}, {"resource": "r"}),
+        (7_000_000_008, {"b": 2}, {}, {"resource": "r"}),
+        (9_000_000_000, {"c": 3}, {}, None),
+    ]
