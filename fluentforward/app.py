@@ -46,7 +46,10 @@ log = structlog.get_logger("fluentforward.app")
 class Delivery(Protocol):
     """What the server process needs of Loki delivery, whether it runs here or in a child process."""
 
-    stats: DeliveryStats
+    @property
+    def stats(self) -> DeliveryStats:
+        """The delivery counters (exported on /metrics)."""
+        ...
 
     @property
     def auth_failed(self) -> bool:

@@ -34,6 +34,7 @@ from fluentforward.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RECEIVING,
     DEFAULT_SHUTDOWN_GRACE,
+    MAX_DELIVERY_PROCESSES,
     DeliveryProcessSettings,
     DeliverySettings,
     ServerConfig,
@@ -379,6 +380,14 @@ def serve(
     delivery_process: Annotated[
         bool, typer.Option(envvar=_env("delivery-process"), help="Ship to Loki from a child process.")
     ] = True,
+    delivery_processes: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("delivery-processes"),
+            help=f"Child processes sharing the spool's delivery (1-{MAX_DELIVERY_PROCESSES}), "
+            "for cores the receiver leaves free.",
+        ),
+    ] = 1,
     worker_index: Annotated[
         int | None, typer.Option(envvar=_env("worker-index"), hidden=True, help="Set by the parent process.")
     ] = None,
@@ -450,6 +459,10 @@ def serve(
         )
         if workers < 1:
             raise ConfigError(f"--workers: must be at least 1, got {workers}")
+        if not 1 <= delivery_processes <= MAX_DELIVERY_PROCESSES:
+            raise ConfigError(
+                f"--delivery-processes: must be 1 to {MAX_DELIVERY_PROCESSES}, got {delivery_processes}"
+            )
         if workers > 1 and config.listen.unix_path is not None:
             raise ConfigError("--workers needs a TCP --listen address (SO_REUSEPORT)")
         if tls_cert is None and (tls_key is not None or tls_client_ca is not None):
@@ -462,6 +475,7 @@ def serve(
                 log_level=log_level.lower(),
                 log_json=log_json,
                 worker=worker_index,
+                processes=delivery_processes,
             )
             delivery = attrs.evolve(delivery, process=process)
         if checking:

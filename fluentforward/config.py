@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_RECEIVING",
     "DEFAULT_SHUTDOWN_GRACE",
+    "MAX_DELIVERY_PROCESSES",
     "TLS_VERSIONS",
     "DeliveryProcessSettings",
     "DeliverySettings",
@@ -62,6 +63,9 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # still fits.
 DEFAULT_FRAME_TIMEOUT = 60.0
 DEFAULT_UNIX_SOCKET_MODE = 0o660
+# Delivery children sharing one spool (--delivery-processes): each needs a core to be worth having,
+# and a lane's segments are its share of the work, so more lanes than cores only add processes.
+MAX_DELIVERY_PROCESSES = 16
 # Connections that may be receiving a request, or waiting for it to be spooled, at once. Others wait,
 # their bytes in the kernel (TCP backpressure), so request memory is bounded by this times the request
 # size rather than by the number of connections: 16 Fluent Bit flushes of 2 MB are 32 MB.
@@ -233,12 +237,20 @@ class DeliveryProcessSettings:
         log_level: the child logs at this level...
         log_json: ...in this format (None: JSON unless stderr is a terminal), like its parent.
         worker: the ``--workers`` index of the parent, bound to the child's log lines; None otherwise.
+        processes: how many children share the spool's delivery, each a lane of its segments
+            (``--delivery-processes``; see ``fluentforward.delivery``).
     """
 
     options: Mapping[str, Any] = attrs.field(repr=False)
     log_level: str = "info"
     log_json: bool | None = None
     worker: int | None = None
+    processes: int = attrs.field(default=1)
+
+    @processes.validator
+    def _processes_in_range(self, _attribute: attrs.Attribute[int], value: int) -> None:
+        if not 1 <= value <= MAX_DELIVERY_PROCESSES:
+            raise ConfigError(f"--delivery-processes: must be 1 to {MAX_DELIVERY_PROCESSES}, got {value}")
 
 
 @attrs.frozen(kw_only=True)

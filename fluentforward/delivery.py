@@ -15,6 +15,13 @@ Each message is a 4-byte big-endian length and a msgpack map whose ``type`` says
     child -> parent  progress  cursor, counters and auth state: after every round and every second
                      failed    the settings do not work (a file vanished); the child exits 2
 
+With ``--delivery-processes N`` above 1 there are N children, each a lane of the spool: lane ``i``
+ships the segments whose number modulo N is ``i`` (at high rates a 64 MiB segment fills in about a
+second, so the lanes share the work evenly), and saves its own cursor (``cursor.lane-i-of-N.json``).
+The parent combines their cursors: everything before the slowest lane's is delivered, so that is what
+it saves as ``cursor.json`` and applies retention to. A lane starts from the later of ``cursor.json``
+and its own file; what it re-sends after a crash, Loki de-duplicates.
+
 Invariants: the child reads only below the durable end it was told (acked, fsynced data). The cursor
 is saved before it is reported, so retention never deletes what a restarted child still needs. A
 message over ``MAX_MESSAGE_BYTES`` or not matching its type closes the pipe (the child is restarted).
@@ -41,9 +48,9 @@ import msgpack
 import structlog
 import trio
 
-from fluentforward.config import DeliverySettings
+from fluentforward.config import MAX_DELIVERY_PROCESSES, DeliverySettings
 from fluentforward.errors import ConfigError, RemoteProtocolError
-from fluentforward.pipeline import DeliveredSpace, DeliveryStats, Shipper, Transformer
+from fluentforward.pipeline import CursorStore, DeliveredSpace, DeliveryStats, Lane, Shipper, Transformer
 from fluentforward.records import Shaper
 from fluentforward.sinks.loki import LokiSink
 from fluentforward.spool import LatencyHistogram, Position, Spool
@@ -55,7 +62,9 @@ __all__ = [
     "MessageDecoder",
     "MessageStream",
     "RemoteSpool",
+    "combine_stats",
     "encode_message",
+    "lanes_cursor",
     "main",
     "stats_from_wire",
     "stats_to_wire",
@@ -303,11 +312,53 @@ def _exit_text(code: int | None) -> str:
     return f"exit code {code}"
 
 
-class DeliveryProcess:
-    """The parent's handle on the delivery child: the same face as ``Shipper`` for probes and metrics.
+@attrs.define(eq=False)
+class _Lane:
+    """One delivery child (lane ``index`` of the spool) and what it last reported."""
 
-    ``stats`` and ``auth_failed`` are the child's last report; ``caught_up`` compares its cursor with
-    the spool's durable end. ``run`` supervises the child; ``flush`` drains it at shutdown.
+    index: int
+    stats: DeliveryStats = attrs.field(factory=DeliveryStats)
+    # What its earlier children counted: a restarted child starts from zero, the metrics must not.
+    earlier: DeliveryStats = attrs.field(factory=DeliveryStats)
+    cursor: Position | None = None  # None until its child reported one
+    pid: int | None = None
+    auth_failed: bool = False
+    wake: trio.Event = attrs.field(factory=trio.Event)  # the feeder has something new to send
+
+
+def combine_stats(parts: list[DeliveryStats]) -> DeliveryStats:
+    """The counters of several delivery lanes as one: counters and histograms add up, the oldest
+    undelivered record is the oldest of any lane, the last push the slowest."""
+    total = DeliveryStats()
+    for part in parts:
+        total = total.plus(part)
+    oldest = [p.oldest_undelivered_ns for p in parts if p.oldest_undelivered_ns is not None]
+    total.oldest_undelivered_ns = min(oldest) if oldest else None
+    total.last_push_seconds = max((p.last_push_seconds for p in parts), default=0.0)
+    return total
+
+
+def lanes_cursor(cursors: list[Position | None]) -> Position | None:
+    """The spool position before which every lane has delivered its frames (None until all reported).
+
+    A lane's cursor passes only what it delivered of its own segments, and it moves to the durable end
+    when it has read everything there: the slowest lane says how far the whole spool is delivered.
+    """
+    if not cursors or any(cursor is None for cursor in cursors):
+        return None
+    return min(cursor for cursor in cursors if cursor is not None)
+
+
+class DeliveryProcess:
+    """The parent's handle on its delivery children: the same face as ``Shipper`` for probes and metrics.
+
+    With ``processes`` above 1, each child is a lane: it ships the segments whose number modulo the
+    lane count is its index, and saves its own cursor; the parent saves the spool's ``cursor.json``
+    as the slowest lane's (``lanes_cursor``), and applies retention up to it.
+
+    ``stats`` and ``auth_failed`` combine the children's last reports; ``caught_up`` compares the
+    combined cursor with the spool's durable end. ``run`` supervises the children; ``flush`` drains
+    them at shutdown.
     """
 
     def __init__(self, spool: Spool, delivery: DeliverySettings) -> None:
@@ -316,59 +367,102 @@ class DeliveryProcess:
         self._spool = spool
         self._process = delivery.process
         self._space = DeliveredSpace(spool, delivery.shipper)
-        self.stats = DeliveryStats()
-        # What earlier children counted: a restarted child starts from zero, the metrics must not.
-        self._earlier = DeliveryStats()
-        self.cursor = Position(segment=0, offset=0)  # until the child reports its own
-        self.pid: int | None = None
-        self._auth_failed = False
+        self._lanes = [_Lane(index) for index in range(delivery.process.processes)]
+        # One child saves cursor.json itself; lanes save their own, and the parent the combined one.
+        self._cursor_file = CursorStore(spool.directory) if len(self._lanes) > 1 else None
+        self._advancing = trio.Lock()
+        self.cursor = Position(segment=0, offset=0)  # until every child has reported its own
         self._draining = False
         self._drained = trio.Event()
-        self._wake = trio.Event()  # the feeder has something new to send
         spool.subscribe(self._on_commit)
 
     @property
+    def stats(self) -> DeliveryStats:
+        """Every child's counters, carried across restarts."""
+        if len(self._lanes) == 1:
+            return self._lanes[0].stats
+        return combine_stats([lane.stats for lane in self._lanes])
+
+    @property
+    def pid(self) -> int | None:
+        """The first lane's child process id (None before it started)."""
+        return self._lanes[0].pid
+
+    @property
+    def pids(self) -> list[int | None]:
+        """Each lane's child process id."""
+        return [lane.pid for lane in self._lanes]
+
+    @property
     def caught_up(self) -> bool:
-        """True when the child has delivered everything durable."""
+        """True when the children have delivered everything durable."""
         return self.cursor >= self._spool.durable_end
 
     @property
     def auth_failed(self) -> bool:
-        """True while Loki rejects the child's credentials or URL (not ready)."""
-        return self._auth_failed
+        """True while Loki rejects a child's credentials or URL (not ready)."""
+        return any(lane.auth_failed for lane in self._lanes)
 
     def _on_commit(self, _end: Position) -> None:
-        self._wake.set()
+        for lane in self._lanes:
+            lane.wake.set()
 
     async def flush(self) -> None:
-        """Have the child ship everything durable and exit (shutdown); returns once it has."""
+        """Have the children ship everything durable and exit (shutdown); returns once they have."""
         self._draining = True
-        self._wake.set()
+        self._on_commit(self._spool.durable_end)
         await self._drained.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the child, restart it whenever it dies, until it has drained (``flush``) or cancelled.
-
-        Started once the first child has reported its cursor (and the spool accounted for it).
+        """Start the children, restart each whenever it dies, until they have drained (``flush``) or
+        this is cancelled. Started once every first child has reported its cursor (and the spool
+        accounted for it).
 
         Raises:
-            ConfigError: the first child could not start (its error, or how it exited).
+            ConfigError: a first child could not start (its error, or how it exited).
         """
+        waiting = len(self._lanes)
+        failure: ConfigError | None = None
+
+        def ready() -> None:
+            nonlocal waiting
+            waiting -= 1
+            if waiting == 0:
+                task_status.started()
+
+        async with trio.open_nursery() as nursery:
+
+            async def supervise(lane: _Lane) -> None:
+                nonlocal failure
+                try:
+                    await self._supervise(lane, ready)
+                except ConfigError as exc:
+                    failure = failure or exc
+                    nursery.cancel_scope.cancel()
+
+            for lane in self._lanes:
+                nursery.start_soon(supervise, lane)
+        if failure is not None:
+            raise failure
+        self._drained.set()
+
+    async def _supervise(self, lane: _Lane, ready: Callable[[], None]) -> None:
+        """Run one lane's child and restart it whenever it dies, until it has drained."""
         delay = RESTART_DELAY_MIN_S
         started = False
 
-        def ready() -> None:
+        def lane_ready() -> None:
             nonlocal started
             if not started:
                 started = True
-                task_status.started()
+                ready()
 
         while True:
             began = trio.current_time()
-            run = await self._run_child(ready)
-            self._earlier = self.stats  # the exited child's last report, on top of earlier ones
-            if self._draining and run.code == EXIT_OK and self.caught_up:
-                self._drained.set()
+            run = await self._run_child(lane, lane_ready)
+            lane.earlier = lane.stats  # the exited child's last report, on top of earlier ones
+            done = lane.cursor is not None and lane.cursor >= self._spool.durable_end
+            if self._draining and run.code == EXIT_OK and done:
                 return
             if not started:
                 raise ConfigError(
@@ -379,15 +473,19 @@ class DeliveryProcess:
                 delay = RESTART_DELAY_MIN_S
             log.error(
                 "delivery_process_exited",
-                pid=self.pid,
+                pid=lane.pid,
                 code=run.code,
                 reason=run.error or _exit_text(run.code),
                 action=f"restarting in {delay:g}s; it resumes from the saved cursor",
+                **self._lane_fields(lane),
             )
             await trio.sleep(delay)
             delay = min(delay * 2, RESTART_DELAY_MAX_S)
 
-    async def _run_child(self, ready: Callable[[], None]) -> _ChildRun:
+    def _lane_fields(self, lane: _Lane) -> dict[str, int]:
+        return {"lane": lane.index} if len(self._lanes) > 1 else {}
+
+    async def _run_child(self, lane: _Lane, ready: Callable[[], None]) -> _ChildRun:
         run = _ChildRun()
         try:
             proc = await trio.lowlevel.open_process(
@@ -401,8 +499,8 @@ class DeliveryProcess:
         except OSError as exc:  # no memory or processes left to fork
             run.error = f"cannot start {CHILD_COMMAND[0]}: {exc.strerror or exc}"
             return run
-        self.pid = proc.pid
-        log.info("delivery_process_started", pid=proc.pid)
+        lane.pid = proc.pid
+        log.info("delivery_process_started", pid=proc.pid, **self._lane_fields(lane))
         assert proc.stdin is not None
         assert proc.stdout is not None
         pipe = MessageStream(proc.stdout, proc.stdin, accept=CHILD_MESSAGES)
@@ -410,8 +508,8 @@ class DeliveryProcess:
         try:
             with trio.move_on_after(START_TIMEOUT_S) as startup:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._feed, pipe)
-                    await self._listen(pipe, run, ready, startup)
+                    nursery.start_soon(self._feed, lane, pipe)
+                    await self._listen(lane, pipe, run, ready, startup)
                     exited = not run.broken_pipe
                     nursery.cancel_scope.cancel()
             if startup.cancelled_caught:
@@ -422,9 +520,14 @@ class DeliveryProcess:
         return run
 
     async def _listen(
-        self, pipe: MessageStream, run: _ChildRun, ready: Callable[[], None], startup: trio.CancelScope
+        self,
+        lane: _Lane,
+        pipe: MessageStream,
+        run: _ChildRun,
+        ready: Callable[[], None],
+        startup: trio.CancelScope,
     ) -> None:
-        """Read the child's messages until it closes its stdout (exits) or sends something unreadable."""
+        """Read a child's messages until it closes its stdout (exits) or sends something unreadable."""
         while True:
             try:
                 message = await pipe.receive()
@@ -437,20 +540,31 @@ class DeliveryProcess:
                 stats = stats_from_wire(message.get("stats"))
                 auth_failed = bool(_field(message, "auth_failed", bool, "a boolean"))
             except RemoteProtocolError as exc:
-                log.error("delivery_pipe_broken", pid=self.pid, error=str(exc))
+                log.error("delivery_pipe_broken", pid=lane.pid, error=str(exc), **self._lane_fields(lane))
                 run.broken_pipe = True
                 return
-            self.stats = self._earlier.plus(stats)
-            self._auth_failed = auth_failed
-            if cursor != self.cursor or not run.ready:
-                self.cursor = cursor
-                await self._space.advance(cursor)
+            lane.stats = lane.earlier.plus(stats)
+            lane.auth_failed = auth_failed
+            if cursor != lane.cursor or not run.ready:
+                lane.cursor = cursor
+                await self._advance(force=not run.ready)
             if not run.ready:
                 run.ready = True
                 startup.deadline = float("inf")
                 ready()
 
-    async def _feed(self, pipe: MessageStream) -> None:
+    async def _advance(self, *, force: bool) -> None:
+        """Move the combined cursor to the slowest lane's, save it (lanes) and free the space before it."""
+        async with self._advancing:
+            combined = lanes_cursor([lane.cursor for lane in self._lanes])
+            if combined is None or (combined == self.cursor and not force):
+                return
+            if self._cursor_file is not None and combined != self.cursor:
+                await trio.to_thread.run_sync(self._cursor_file.save, combined)
+            self.cursor = combined
+            await self._space.advance(combined)
+
+    async def _feed(self, lane: _Lane, pipe: MessageStream) -> None:
         """Send the start message, then each newer durable end (coalesced), then drain when asked."""
         sent = self._spool.durable_end
         drain_sent = False
@@ -463,11 +577,12 @@ class DeliveryProcess:
             "log_level": process.log_level,
             "log_json": process.log_json,
             "worker": process.worker,
+            "lane": [lane.index, len(self._lanes)] if len(self._lanes) > 1 else None,
         }
         try:
             await pipe.send(start)
             while True:
-                self._wake = trio.Event()  # replaced before reading state: no wake-up is lost
+                lane.wake = trio.Event()  # replaced before reading state: no wake-up is lost
                 end = self._spool.durable_end
                 if end != sent:
                     await pipe.send({"type": "durable", "position": _wire_position(end)})
@@ -476,7 +591,7 @@ class DeliveryProcess:
                     await pipe.send({"type": "drain"})
                     drain_sent = True
                 else:
-                    await self._wake.wait()
+                    await lane.wake.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the child is gone; _listen sees its stdout close
 
@@ -531,6 +646,20 @@ class _Start:
     log_level: str
     log_json: bool | None
     worker: int | None
+    lane: Lane | None
+
+
+def _lane_from_wire(value: Any) -> Lane | None:
+    if value is None:
+        return None
+    if not (
+        type(value) is list
+        and len(value) == 2
+        and all(type(v) is int for v in value)
+        and 0 <= value[0] < value[1] <= MAX_DELIVERY_PROCESSES
+    ):
+        raise RemoteProtocolError(f"delivery pipe: start message: lane {value!r} is not [index, count]")
+    return Lane(index=value[0], count=value[1])
 
 
 def _start_from_wire(message: Mapping[str, Any]) -> _Start:
@@ -550,6 +679,7 @@ def _start_from_wire(message: Mapping[str, Any]) -> _Start:
         log_level=level,
         log_json=None if log_json is None else _field(message, "log_json", bool, "a boolean or nil"),
         worker=None if worker is None else _field(message, "worker", int, "an integer or nil"),
+        lane=_lane_from_wire(message.get("lane")),
     )
 
 
@@ -572,7 +702,9 @@ async def _child_main(in_fd: int, out_fd: int) -> int:
         return EXIT_FAILED
     configure_logging(json=start.log_json, level=start.log_level)
     structlog.contextvars.bind_contextvars(
-        process="delivery", **({} if start.worker is None else {"worker": start.worker})
+        process="delivery",
+        **({} if start.worker is None else {"worker": start.worker}),
+        **({} if start.lane is None else {"lane": start.lane.index}),
     )
     try:
         delivery = delivery_settings_from_wire(start.options)
@@ -619,6 +751,7 @@ async def _deliver(pipe: MessageStream, start: _Start, delivery: DeliverySetting
             Transformer(Shaper(rules=delivery.shape_rules), delivery.id_rules),
             delivery.shipper,
             on_delivered=report,
+            lane=start.lane,
         )
 
         async def drain() -> None:

@@ -55,6 +55,7 @@ from fluentforward.spool import (
 __all__ = [
     "DEFAULT_RETENTION_S",
     "CursorStore",
+    "Lane",
     "DeadLetters",
     "DeliveredSpace",
     "DeliveryStats",
@@ -155,14 +156,47 @@ class Transformer:
         return out
 
 
-class CursorStore:
-    """The delivery cursor of a spool directory, saved atomically (write, fsync, rename, fsync dir)."""
+@attrs.frozen
+class Lane:
+    """One of ``count`` delivery processes sharing a spool: it ships the segments numbered ``index``
+    modulo ``count`` (see ``fluentforward.delivery``)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / CURSOR_FILE
+    index: int
+    count: int
+
+    def owns(self, segment: int) -> bool:
+        """True for the segments this lane ships."""
+        return segment % self.count == self.index
+
+    @property
+    def cursor_file(self) -> str:
+        """The file this lane's own cursor is saved in."""
+        return f"cursor.lane-{self.index}-of-{self.count}.json"
+
+
+class CursorStore:
+    """The delivery cursor of a spool directory, saved atomically (write, fsync, rename, fsync dir).
+
+    A lane's store saves the lane's own cursor and loads the later of it and the spool's
+    ``cursor.json`` (which its parent keeps at the slowest lane's): both are positions before which
+    everything the lane must ship was shipped.
+    """
+
+    def __init__(self, directory: Path, lane: Lane | None = None) -> None:
+        self.path = directory / (CURSOR_FILE if lane is None else lane.cursor_file)
+        self._spool_cursor = None if lane is None else CursorStore(directory)
 
     def load(self) -> Position | None:
         """The saved cursor, or None (never delivered, or an unreadable file: start from the oldest)."""
+        own = self._load()
+        if self._spool_cursor is None:
+            return own
+        combined = self._spool_cursor.load()
+        if own is None or combined is None:
+            return own or combined
+        return max(own, combined)
+
+    def _load(self) -> Position | None:
         try:
             data = orjson.loads(self.path.read_bytes())
             return Position(segment=int(data["segment"]), offset=int(data["offset"]))
@@ -375,7 +409,8 @@ class Shipper:
 
     After every round the cursor is saved, then handed to ``on_delivered`` (and once at start, for the
     cursor loaded from disk). By default, for a ``Spool`` of this process, that is ``DeliveredSpace``;
-    a delivery child process reports it to its parent instead.
+    a delivery child process reports it to its parent instead. With a ``lane``, it ships only that
+    lane's segments and keeps the lane's own cursor file.
     """
 
     def __init__(
@@ -387,18 +422,22 @@ class Shipper:
         *,
         clock: Callable[[], float] = time.time,
         on_delivered: Callable[[Position], Awaitable[None]] | None = None,
+        lane: Lane | None = None,
     ) -> None:
         self.spool = spool
+        self.lane = lane
         self.sink = sink
         self.transformer = transformer
         self.settings = settings or ShipperSettings()
         self.stats = transformer.stats
         if on_delivered is None:
+            if lane is not None:
+                raise TypeError("a lane reports its cursor to the process that combines the lanes")
             if not isinstance(spool, Spool):
                 raise TypeError("a spool view needs on_delivered: retention belongs to the spool's owner")
             on_delivered = DeliveredSpace(spool, self.settings, clock=clock).advance
         self._on_delivered = on_delivered
-        self._cursors = CursorStore(spool.directory)
+        self._cursors = CursorStore(spool.directory, lane)
         self._dead = DeadLetters(spool.directory, clock=clock)
         self._wake = trio.Event()
         self._progress = trio.Event()  # set after every round (flush waits on it)
@@ -541,7 +580,10 @@ class Shipper:
             )
 
         records = 0
-        for frame in read_frames(self.spool.directory, self._read_cursor, on_bad=bad, stop=stop):
+        owns = None if self.lane is None else self.lane.owns
+        for frame in read_frames(
+            self.spool.directory, self._read_cursor, on_bad=bad, stop=stop, segments=owns
+        ):
             frames.append(frame)
             size += frame.size
             records += frame.header.record_count

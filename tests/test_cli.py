@@ -173,3 +173,12 @@ def test_capture_data_is_loadable():
     """Test data is present in the repository (the suite runs from a plain clone)."""
     assert capture("default.bin")
     assert pack(1)
+
+
+def test_delivery_processes_out_of_range_exits_2(tmp_path):
+    result = runner.invoke(
+        app,
+        ["serve", "--spool-dir", str(tmp_path / "s"), "--delivery-processes", "0", "--loki-url", "http://x"],
+    )
+    assert result.exit_code == 2
+    assert "--delivery-processes: must be 1 to 16, got 0" in result.output

@@ -35,7 +35,10 @@ from fluentforward.delivery import (
     MessageStream,
     RemoteSpool,
     _ChildRun,
+    _lane_from_wire,
+    combine_stats,
     encode_message,
+    lanes_cursor,
     stats_from_wire,
     stats_to_wire,
 )
@@ -280,13 +283,13 @@ async def test_delivered_space_releases_bytes_and_applies_retention(tmp_path, nu
     spool.close()
 
 
-def _parent(spool: Spool) -> DeliveryProcess:
+def _parent(spool: Spool, processes: int = 1) -> DeliveryProcess:
     delivery = DeliverySettings(
         loki=None,
         shape_rules=build_rules(),
         id_rules=DEFAULT_RULES,
         shipper=ShipperSettings(retention_s=3600),
-        process=DeliveryProcessSettings(options={}),
+        process=DeliveryProcessSettings(options={}, processes=processes),
     )
     return DeliveryProcess(spool, delivery)
 
@@ -304,7 +307,9 @@ async def test_durable_ends_are_coalesced_and_drain_comes_last(tmp_path, nursery
     parent = _parent(spool)
     to_child, child_reads = trio.testing.lockstep_stream_one_way_pair()
     _, nothing = trio.testing.lockstep_stream_one_way_pair()
-    nursery.start_soon(parent._feed, MessageStream(nothing, to_child, accept=CHILD_MESSAGES))
+    nursery.start_soon(
+        parent._feed, parent._lanes[0], MessageStream(nothing, to_child, accept=CHILD_MESSAGES)
+    )
     decoder = MessageDecoder(PARENT_MESSAGES)
     [start] = await _read(child_reads, decoder, 1)
     assert start["type"] == "start"
@@ -340,7 +345,7 @@ async def test_parent_follows_the_child_reports_and_stops_at_a_bad_message(tmp_p
     await to_parent.send_all(encode_message(progress) + encode_message({"type": "failed", "error": "boom"}))
     await to_parent.send_all(_framed(msgpack.packb({"type": "progress", "cursor": "x"})))
     with trio.fail_after(10):
-        await parent._listen(pipe, run, lambda: ready.append(1), trio.CancelScope())
+        await parent._listen(parent._lanes[0], pipe, run, lambda: ready.append(1), trio.CancelScope())
     assert ready == [1]
     assert parent.caught_up
     assert parent.auth_failed
@@ -348,6 +353,81 @@ async def test_parent_follows_the_child_reports_and_stops_at_a_bad_message(tmp_p
     assert spool.used_bytes == 0
     assert run.error == "boom"
     assert run.broken_pipe
+    spool.close()
+
+
+def test_lanes_cursor_is_the_slowest_lane_once_all_reported():
+    a, b, c = Position(segment=1, offset=100), Position(segment=2, offset=8), Position(segment=3, offset=50)
+    assert lanes_cursor([a, None]) is None
+    assert lanes_cursor([]) is None
+    assert lanes_cursor([c, a, b]) == a
+    assert lanes_cursor([b]) == b
+
+
+def test_lane_stats_combine():
+    one, two = _busy_stats(), _busy_stats()
+    one.oldest_undelivered_ns, two.oldest_undelivered_ns = 500, 300
+    one.last_push_seconds, two.last_push_seconds = 0.5, 2.0
+    total = combine_stats([one, DeliveryStats(), two])
+    assert total.entries_delivered == 2 * one.entries_delivered
+    assert total.status_codes == one.status_codes + two.status_codes
+    assert total.push_seconds.count == 2 * one.push_seconds.count
+    assert total.oldest_undelivered_ns == 300
+    assert total.last_push_seconds == 2.0
+    assert combine_stats([DeliveryStats()]).oldest_undelivered_ns is None
+
+
+@pytest.mark.parametrize("lane", [[2, 2], [-1, 2], [0], "0/2", [0, 17], [True, 2]])
+def test_bad_lanes_in_the_start_message_are_refused(lane):
+    with pytest.raises(RemoteProtocolError, match="lane"):
+        _lane_from_wire(lane)
+
+
+def test_delivery_processes_out_of_range_is_a_config_error():
+    with pytest.raises(ConfigError, match="--delivery-processes"):
+        DeliveryProcessSettings(options={}, processes=0)
+    with pytest.raises(ConfigError, match="--delivery-processes"):
+        DeliveryProcessSettings(options={}, processes=17)
+
+
+async def test_lanes_move_the_spool_cursor_only_together(tmp_path, nursery):
+    """With two lanes the parent saves cursor.json as the slower lane's cursor, and frees only up to it."""
+    spool = await _spool_with_segments(tmp_path / "spool", nursery, 3)
+    parent = _parent(spool, processes=2)
+    first, second = parent._lanes
+    segments = list_segments(spool.directory)
+    end = spool.durable_end
+    used = spool.used_bytes
+
+    async def report(lane: Any, cursor: Position) -> None:
+        to_parent, parent_reads = trio.testing.memory_stream_one_way_pair()
+        pipe = MessageStream(
+            parent_reads, trio.testing.memory_stream_one_way_pair()[0], accept=CHILD_MESSAGES
+        )
+        message = {
+            "type": "progress",
+            "cursor": [cursor.segment, cursor.offset],
+            "stats": stats_to_wire(DeliveryStats()),
+            "auth_failed": False,
+        }
+        await to_parent.send_all(encode_message(message))
+        await to_parent.aclose()
+        with trio.fail_after(10):
+            await parent._listen(lane, pipe, _ChildRun(), lambda: None, trio.CancelScope())
+
+    await report(first, end)
+    assert parent.cursor == Position(segment=0, offset=0)  # the second lane has not reported
+    assert not (spool.directory / "cursor.json").exists()
+    assert spool.used_bytes == used
+    await report(second, Position(segment=segments[1], offset=8))
+    assert parent.cursor == Position(segment=segments[1], offset=8)
+    assert CursorStore(spool.directory).load() == Position(segment=segments[1], offset=8)
+    assert 0 < spool.used_bytes < used
+    assert not parent.caught_up
+    await report(second, end)
+    assert parent.caught_up
+    assert CursorStore(spool.directory).load() == end
+    assert spool.used_bytes == 0
     spool.close()
 
 
@@ -421,6 +501,10 @@ def _delivered_total(server: ServerProcess) -> float:
     return sum(float(line.removeprefix(prefix)) for line in lines if line.startswith(prefix))
 
 
+def _stop_reasons(server: ServerProcess) -> list[str]:
+    return [str(e["reason"]) for e in server.events() if e["event"] == "delivery_process_stopped"]
+
+
 def _stop_reason(server: ServerProcess) -> str:
     [stopped] = [e for e in server.events() if e["event"] == "delivery_process_stopped"]
     return str(stopped["reason"])
@@ -482,6 +566,40 @@ def test_killed_child_is_restarted_and_loses_nothing(tmp_path):
     assert exited["level"] == "error"
     assert exited["code"] == -signal.SIGKILL
     assert exited["reason"] == "killed by SIGKILL"
+
+
+@pytest.mark.slow
+def test_delivery_processes_share_the_spool_by_segment(tmp_path):
+    """--delivery-processes 2: two children ship alternate segments, every record arrives, a killed lane
+    restarts alone, SIGTERM drains both, and cursor.json ends at the spool's end."""
+    spool_dir = tmp_path / "spool"
+    lanes = ("--delivery-processes", "2", "--spool-segment-bytes", "8KiB")
+    with _serving(tmp_path, *lanes) as (loki, server, _child):
+        pids = {e["lane"]: e["pid"] for e in server.events() if e.get("event") == "delivery_process_started"}
+        first, second = pids[0], pids[1]
+        assert _alive(first)
+        assert _alive(second)
+        _send(server.port, range(1500))
+        _until(lambda: _lines(loki) == {f"id={i}" for i in range(1500)}, what="delivery")
+        assert len(list_segments(spool_dir)) > 4
+        started = [e for e in server.events() if e.get("event") == "shipper_started"]
+        assert sorted(e["lane"] for e in started) == [0, 1]
+        os.kill(second, signal.SIGKILL)
+        _until(lambda: len(_children(server)) == 3, what="a restart of the killed lane")
+        _send(server.port, range(1500, 2000))
+        _until(lambda: _lines(loki) == {f"id={i}" for i in range(2000)}, timeout=60, what="delivery after it")
+        _until(lambda: _delivered_total(server) >= 2000, what="metrics of all children")
+        assert _alive(first)
+        assert server.stop() == 0
+    [exited] = [e for e in server.events() if e["event"] == "delivery_process_exited"]
+    assert exited["lane"] == 1
+    assert sorted(_stop_reasons(server)) == ["drained", "drained"]
+    last = list_segments(spool_dir)[-1]
+    end = Position(segment=last, offset=segment_path(spool_dir, last).stat().st_size)
+    assert CursorStore(spool_dir).load() == end
+    assert (spool_dir / "cursor.lane-0-of-2.json").exists()
+    assert (spool_dir / "cursor.lane-1-of-2.json").exists()
+    assert len(loki.entries()) == 2000  # what a restarted lane sends again, Loki stores once
 
 
 @pytest.mark.slow

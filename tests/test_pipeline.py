@@ -12,14 +12,14 @@ from fluentforward.app import AppState
 from fluentforward.config import ServerConfig, parse_listen
 from fluentforward.ids import DEFAULT_RULES
 from fluentforward.metrics import render, snapshot
-from fluentforward.pipeline import CursorStore, DeliveryStats, Shipper, ShipperSettings, Transformer
+from fluentforward.pipeline import CursorStore, DeliveryStats, Lane, Shipper, ShipperSettings, Transformer
 from fluentforward.protocol import Signal
 from fluentforward.records import Shaper, build_rules
 from fluentforward.server import serve
 from fluentforward.sinks.loki import LokiSettings, LokiSink
-from fluentforward.spool import FrameHeader, Spool, SpoolSettings
+from fluentforward.spool import FrameHeader, Position, Spool, SpoolSettings, read_frames
 from tests.fakeloki import FakeLoki, Reply
-from tests.helpers import et, forward
+from tests.helpers import et, forward, stored_header
 
 NOW = time.time_ns() // 10**9
 K8S = {
@@ -233,3 +233,62 @@ def test_delivery_stats_plus_adds_counters_and_keeps_the_later_gauges():
     assert total.push_seconds.cumulative()[-1] == ("+Inf", 3)
     assert sum(total.push_seconds.counts) == 2  # 100 s is above the last bucket
     assert earlier.entries_delivered == 10  # inputs unchanged
+
+
+async def test_lanes_ship_only_their_own_segments(tmp_path, nursery, loki):
+    """Two lanes over one spool: each ships the segments it owns, together everything once, and each
+    reports its own cursor (the spool's cursor.json is its parent's to write)."""
+    directory = tmp_path / "spool"
+    spool = Spool.open(SpoolSettings(directory=directory, segment_bytes=4096))
+    await nursery.start(spool.run)
+    for i in range(12):
+        record = {**k8s_record(i), "log": f"line {i} {'x' * 1500}\n"}
+        await spool.append(stored_header("t", 1), forward("t", [[et(NOW), record]]))
+    owners = {lane: 0 for lane in (0, 1)}
+    for frame in read_frames(directory):
+        owners[frame.segment % 2] += 1
+    assert owners[0]
+    assert owners[1]
+    sink = LokiSink(LokiSettings(url=loki.url))
+    reports: dict[int, list[Position]] = {0: [], 1: []}
+    shippers = []
+    for index in (0, 1):
+
+        async def report(cursor: Position, index: int = index) -> None:
+            reports[index].append(cursor)
+
+        shipper = Shipper(
+            spool,
+            sink,
+            Transformer(Shaper(rules=build_rules()), DEFAULT_RULES),
+            ShipperSettings(batch_wait_s=0.01),
+            on_delivered=report,
+            lane=Lane(index=index, count=2),
+        )
+        shippers.append(shipper)
+        await nursery.start(shipper.run)
+    with trio.fail_after(10):
+        while not all(s.caught_up for s in shippers):
+            await trio.sleep(0.01)
+    assert [s.stats.records for s in shippers] == [owners[0], owners[1]]
+    assert sorted(e.line.split()[1] for e in loki.entries()) == sorted(str(i) for i in range(12))
+    assert reports[0][-1] == reports[1][-1] == spool.durable_end
+    assert CursorStore(directory, Lane(index=1, count=2)).load() == spool.durable_end
+    assert CursorStore(directory).load() is None
+    with pytest.raises(TypeError, match="lane"):
+        Shipper(spool, sink, shippers[0].transformer, lane=Lane(index=0, count=2))
+    await sink.aclose()
+    spool.close()
+
+
+def test_lane_cursor_loads_the_later_of_its_own_and_the_spools(tmp_path):
+    lane = Lane(index=1, count=3)
+    own, combined = CursorStore(tmp_path, lane), CursorStore(tmp_path)
+    assert own.load() is None
+    combined.save(Position(segment=4, offset=8))
+    assert own.load() == Position(segment=4, offset=8)
+    own.save(Position(segment=7, offset=100))
+    assert own.load() == Position(segment=7, offset=100)
+    combined.save(Position(segment=9, offset=8))
+    assert own.load() == Position(segment=9, offset=8)
+    assert (tmp_path / "cursor.lane-1-of-3.json").exists()

@@ -173,14 +173,20 @@ def read_frames(
     want_raw: bool = True,
     on_bad: Callable[[Path, ScanEnd], None] | None = None,
     stop: Position | None = None,
+    segments: Callable[[int], bool] | None = None,
 ) -> Iterator[StoredFrame]:
     """Yield stored frames in order from ``start`` (default: the oldest) up to ``stop`` (default: the end).
 
     A bad frame ends the scan of its segment: ``on_bad`` is told where and why, and reading goes on
-    with the next segment.
+    with the next segment. ``segments``, if given, says which segment numbers to read (the others
+    are skipped unopened): a delivery lane reads only its own.
     """
     for sequence in list_segments(directory):
         if start is not None and sequence < start.segment:
+            continue
+        if segments is not None and not segments(sequence):
+            if stop is not None and sequence > stop.segment:
+                return
             continue
         if stop is not None and sequence > stop.segment:
             return
