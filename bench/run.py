@@ -684,7 +684,12 @@ def print_results(report: dict[str, Any]) -> None:
             print(
                 f"  note: {r['name']}/{r['receiver']}: delivery lagged ({_fmt(r['delivered_per_s'])}/s delivered vs "
                 f"{_fmt(r['records_per_s'])}/s acked; {r['delivered_total']:,} of {r['records_acked_total']:,} "
-                "delivered at the end): CPU-us/record shows acked..delivered bounds"
+                "delivered at the end): "
+                + (
+                    "CPU-us/record adds receive per acked and delivery per delivered record"
+                    if r.get("cpu_us_split")
+                    else "CPU-us/record shows acked..delivered bounds"
+                )
             )
         if r["errors"] or r["exit_code"] not in (0, None) or _warnings(r):
             print(f"  note: {r['name']}/{r['receiver']}: errors {r['errors']} exit {r['exit_code']}")
