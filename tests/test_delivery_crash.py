@@ -38,7 +38,9 @@ def test_sigkill_during_delivery_loses_nothing(tmp_path):
     """Kill -9 while batches are in flight to Loki; after a restart every acked record is in Loki."""
     with FakeLoki() as loki:
         loki.responder = lambda _request: None  # default behaviour, but every request is recorded
-        args = ("--loki-url", loki.url, "--loki-batch-wait", "50ms", "--loki-batch-bytes", "64KiB")
+        # 2000 records of about 20 bytes each make ten 4 KiB batches however fast they are received
+        # (with 64 KiB, one round could take them all and the kill below would find nothing in flight).
+        args = ("--loki-url", loki.url, "--loki-batch-wait", "50ms", "--loki-batch-bytes", "4KiB")
         server = ServerProcess(tmp_path / "spool", *args)
         server.start()
         _send_acked(server.port, 0, 2000)
