@@ -5,8 +5,13 @@
   decode of the same frame;
 * trace ids: ``extract_trace_context`` over the benchmark's record mix, per logging style, plus the
   fixed records of ``bench.micro_ids``;
-* Loki: ``Shaper.shape`` and ``encode_push_protobuf`` / ``encode_push_json`` over 1 MiB batches;
-* delivery path: decode + extract + shape + encode per record, i.e. the shipper's CPU before HTTP;
+* Loki: ``Shaper.shape`` and ``encode_push_protobuf`` / ``encode_push_json`` over 1 MiB batches, and
+  shaping + batching + protobuf both ways: ``shape_event`` + ``batches_by_tenant`` + ``encode_push_protobuf``
+  (``shape_batch_protobuf_us``) and the shipper's fused ``Shaper.encode_events`` + ``PushBuffer.batches``
+  + ``EncodedBatch.encode_protobuf`` (``encode_events_us``);
+* delivery path: decode + extract + shape + encode per record, i.e. the shipper's CPU before HTTP
+  (``<mode>``: through ``Entry`` and ``LokiEntry`` values as before; ``<mode>_shipper``: what
+  ``pipeline.Shipper`` runs, ``Transformer.encode`` into a ``PushBuffer`` then the batches' bodies);
 * spool: ``Spool.append`` of 1 MB frames with an fsync per batch, 1 to 32 concurrent appenders.
 
 CPU-bound figures use ``time.process_time`` and keep the best of several repeats: on a shared machine
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import shutil
 import statistics
 import sys
@@ -42,7 +48,8 @@ from fluentforward.spool import FrameHeader, Spool, SpoolSettings
 __all__ = ["bench_decoder", "bench_delivery", "bench_ids", "bench_loki", "bench_spool", "run_micro"]
 
 try:  # another engineer's module; optional so this file never breaks on its absence
-    from fluentforward.sinks.loki import encode_push_json, encode_push_protobuf
+    from fluentforward.pipeline import batches_by_tenant
+    from fluentforward.sinks.loki import PushBuffer, encode_push_json, encode_push_protobuf
 except ImportError:  # pragma: no cover
     encode_push_json = encode_push_protobuf = None  # type: ignore[assignment]
 
@@ -169,15 +176,62 @@ def bench_loki(repeat: int) -> dict[str, Any]:
         out["protobuf_body_bytes"] = len(body.body)
         out["protobuf_us"] = _best_cpu(lambda: encode_push_protobuf(shaped), repeat) / n * 1e6
         out["json_us"] = _best_cpu(lambda: encode_push_json(shaped), repeat) / n * 1e6
+        out.update(_bench_shape_and_encode(decoded, traces, repeat))
     return out
 
 
-def bench_delivery(repeat: int) -> dict[str, Any]:
-    """Microseconds per record of the shipper's CPU work before HTTP, per mode.
+def _bench_shape_and_encode(
+    decoded: list[tuple[str, Entry]], traces: list[Any], repeat: int
+) -> dict[str, float]:
+    """Shaping + batching + protobuf bodies, the LokiEntry way and the shipper's fused way.
 
-    decode_frame + extract_trace_context + Shaper.shape + encode_push_protobuf, on 1000-record frames.
+    Both get each record's trace context from the same lookup (a dict by record id), so the figures
+    differ only by the path. Runs of one tag are passed as one call, as a frame is.
+    """
+    runs: list[tuple[str, list[Any]]] = []
+    for tag, entry in decoded:
+        if not runs or runs[-1][0] != tag:
+            runs.append((tag, []))
+        runs[-1][1].append((entry.time_ns, entry.record, entry.metadata, entry.group))
+    by_record = {id(entry.record): trace for (_, entry), trace in zip(decoded, traces, strict=True)}
+
+    def find(record: Any, _metadata: Any) -> Any:
+        return by_record[id(record)]
+
+    n = len(decoded)
+    old_shaper = Shaper(rules=build_rules(cluster="bench"))
+    new_shaper = Shaper(rules=build_rules(cluster="bench"))
+
+    def entries_way() -> None:
+        shape = old_shaper.shape_event
+        entries = [shape(tag, t, r, m, g, find(r, m)) for tag, events in runs for t, r, m, g in events]
+        for batch in batches_by_tenant(entries, 1 << 20):
+            encode_push_protobuf(batch.entries)
+
+    def fused_way() -> None:
+        buffer = PushBuffer()
+        for tag, events in runs:
+            new_shaper.encode_events(tag, events, find, buffer)
+        for batch in buffer.batches(1 << 20):
+            batch.encode_protobuf()
+
+    return {
+        "shape_batch_protobuf_us": _best_cpu(entries_way, repeat) / n * 1e6,
+        "encode_events_us": _best_cpu(fused_way, repeat) / n * 1e6,
+    }
+
+
+def bench_delivery(repeat: int) -> dict[str, Any]:
+    """Microseconds per record of the shipper's CPU work before HTTP, per mode, on 1000-record frames.
+
+    ``<mode>``: decode_frame + extract_trace_context + Shaper.shape + encode_push_protobuf (the path
+    through ``LokiEntry`` values). ``<mode>_shipper``: decode_frame + Shaper.encode_events (with
+    extract_trace_context) + PushBuffer.batches + EncodedBatch.encode_protobuf (``pipeline.Shipper``'s).
     """
     shaper = Shaper(rules=build_rules(cluster="bench"))
+    fused = Shaper(rules=build_rules(cluster="bench"))
+    find_trace = functools.partial(extract_trace_context)  # as pipeline.Transformer passes it
+    sources: collections.Counter[str] = collections.Counter()
     out = {}
     for mode in MODES:
         data, records = _frame_bytes(mode)
@@ -190,7 +244,16 @@ def bench_delivery(repeat: int) -> dict[str, Any]:
             if encode_push_protobuf is not None:
                 encode_push_protobuf(entries)
 
+        def shipper(data: bytes = data) -> None:
+            frame = decode_frame(data)
+            buffer = PushBuffer()
+            fused.encode_events(frame.tag, frame.events, find_trace, buffer, sources)
+            for batch in buffer.batches(1 << 20):
+                batch.encode_protobuf()
+
         out[mode] = _best_cpu(ship, repeat) / records * 1e6
+        if encode_push_protobuf is not None:
+            out[f"{mode}_shipper"] = _best_cpu(shipper, repeat) / records * 1e6
     return out
 
 
@@ -277,7 +340,7 @@ def run_micro(
     log("micro: Loki (us/entry, 1 MiB batches)")
     out["loki"] = bench_loki(repeat)
     log("  " + "  ".join(f"{k} {v:.2f}" for k, v in out["loki"].items() if k.endswith("_us")))
-    log("micro: delivery path = decode_frame + ids + shape + protobuf (us/record)")
+    log("micro: delivery path = decode_frame + ids + shape + protobuf (us/record; _shipper: fused path)")
     out["delivery"] = bench_delivery(repeat)
     log("  " + "  ".join(f"{k} {v:.2f}" for k, v in out["delivery"].items()))
     log("micro: spool append, 1 MB frames, fsync per batch")

@@ -1,7 +1,11 @@
 """Delivery: spool -> decode -> trace ids -> shape -> Loki, with a persisted cursor.
 
-The shipper reads stored frames in order from its cursor, turns each log event into a ``LokiEntry``
-(``ids.extract_trace_context`` then ``records.Shaper``), and pushes batches with the Loki sink.
+The shipper reads stored frames in order from its cursor, turns each log event into a Loki entry
+(``ids.extract_trace_context`` then ``records.Shaper``), and pushes batches with the Loki sink. For a
+protobuf sink (the default) entries are shaped straight into their encoded protobuf form
+(``Transformer.encode`` -> ``Shaper.encode_events`` -> ``PushBuffer``), cut into ``EncodedBatch`` values
+exactly as ``batches_by_tenant`` cuts ``LokiEntry`` values, and decoded back to ``LokiEntry`` only for
+dead letters; a JSON sink gets ``LokiEntry`` batches (``Transformer.entries``).
 A round is the frames read at once: its batches are pushed (concurrently, per tenant), retried until
 Loki takes them, and only then is the cursor moved past the round and saved atomically. A restart
 resumes at the cursor: at most the round in flight is sent again, which Loki de-duplicates.
@@ -28,7 +32,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -36,11 +40,11 @@ import structlog
 import trio
 
 from fluentforward.errors import RemoteProtocolError
-from fluentforward.ids import DEFAULT_RULES, IdRules, extract_trace_context
+from fluentforward.ids import DEFAULT_RULES, IdRules, TraceContext, extract_trace_context
 from fluentforward.reader import RecordFilter, events_of
 from fluentforward.records import Shaper
 from fluentforward.sinks import LokiEntry
-from fluentforward.sinks.loki import Batch, LokiSink, PushOutcome, Verdict, entry_size
+from fluentforward.sinks.loki import AnyBatch, Batch, LokiSink, PushBuffer, PushOutcome, Verdict, entry_size
 from fluentforward.spool import (
     LatencyHistogram,
     Position,
@@ -55,10 +59,10 @@ from fluentforward.spool import (
 __all__ = [
     "DEFAULT_RETENTION_S",
     "CursorStore",
-    "Lane",
     "DeadLetters",
     "DeliveredSpace",
     "DeliveryStats",
+    "Lane",
     "Shipper",
     "ShipperSettings",
     "SpoolView",
@@ -134,6 +138,17 @@ class Transformer:
         self.shaper = shaper
         self.id_rules = id_rules
         self.stats = stats if stats is not None else DeliveryStats()
+        # Called once per record by Shaper.encode_events: the bare function when the rules are the
+        # defaults (a partial with a keyword costs a dict per call).
+        self._find_trace: Callable[[dict[Any, Any], dict[Any, Any]], TraceContext | None]
+        if id_rules == DEFAULT_RULES:
+            self._find_trace = extract_trace_context
+        else:
+
+            def find_trace(record: dict[Any, Any], metadata: dict[Any, Any]) -> TraceContext | None:
+                return extract_trace_context(record, metadata, rules=id_rules)
+
+            self._find_trace = find_trace
 
     def entries(self, frame: StoredFrame, record_filter: RecordFilter | None = None) -> list[LokiEntry]:
         """Shape every log event of a frame (those the filter keeps).
@@ -154,6 +169,22 @@ class Transformer:
             out.append(shape(tag, time_ns, record, metadata, group, trace))
         self.stats.records += len(out)
         return out
+
+    def encode(self, frame: StoredFrame, into: PushBuffer, record_filter: RecordFilter | None = None) -> int:
+        """``entries`` for a protobuf sink: append the frame's entries to ``into`` already encoded.
+
+        Returns:
+            How many entries were added.
+
+        Raises:
+            RemoteProtocolError: as ``entries`` (nothing is added then).
+        """
+        events = events_of(frame)
+        if record_filter is not None:
+            events = [event for event in events if record_filter.time_ok(event[0])]
+        self.shaper.encode_events(frame.header.tag, events, self._find_trace, into, self.stats.trace_sources)
+        self.stats.records += len(events)
+        return len(events)
 
 
 @attrs.frozen
@@ -272,7 +303,7 @@ class ShipperSettings:
 
 
 async def push_and_settle(
-    sink: LokiSink, batch: Batch, dead_letters: DeadLetters, stats: DeliveryStats, depth: int = 0
+    sink: LokiSink, batch: AnyBatch, dead_letters: DeadLetters, stats: DeliveryStats, depth: int = 0
 ) -> tuple[int, int]:
     """Push one batch until Loki has taken or refused every entry; dead-letter the refused ones.
 
@@ -293,7 +324,7 @@ async def push_and_settle(
         stats.status_codes[str(outcome.status or "error")] += 1
         piece = outcome.batch
         if outcome.verdict is Verdict.DELIVERED:
-            delivered += len(piece.entries)
+            delivered += piece.count
             continue
         halves = piece.split() if outcome.verdict is Verdict.PARTIAL and depth < MAX_BISECT_DEPTH else None
         if halves is not None:
@@ -306,7 +337,7 @@ async def push_and_settle(
             "loki_rejected_entries",
             status=outcome.status,
             reason=outcome.message,
-            entries=len(piece.entries),
+            entries=piece.count,
             action="written to the dead-letter file",
         )
         dead += await trio.to_thread.run_sync(dead_letters.write, outcome, piece.entries)
@@ -398,7 +429,7 @@ class DeliveredSpace:
 class _Round:
     """A shaped round waiting to be pushed."""
 
-    batches: list[Batch]
+    batches: list[AnyBatch]
     end: Position  # the cursor once every batch is settled
     oldest_ns: int | None  # receive time of the round's first frame
     shaping_s: float
@@ -518,16 +549,26 @@ class Shipper:
         started = time.monotonic()
         frames, end = await trio.to_thread.run_sync(self._read_round)
         self._read_cursor = end
-        entries: list[LokiEntry] = []
-        for frame in frames:
-            entries += self._shape_frame(frame)
-            # A checkpoint per frame: connection tasks (in-process) and the push of the previous round
-            # run between frames. (A worker thread would not help: the work is CPU-bound under one
-            # interpreter lock, and every hand-off delays the acks.)
-            await trio.lowlevel.checkpoint()
+        batches: list[AnyBatch]
+        if self.sink.format == "protobuf":
+            # Shaped straight into encoded entries (Shaper.encode_events): no LokiEntry per record.
+            buffer = PushBuffer()
+            for frame in frames:
+                self._shape_frame(frame, buffer)
+                # A checkpoint per frame: connection tasks (in-process) and the push of the previous
+                # round run between frames. (A worker thread would not help: the work is CPU-bound
+                # under one interpreter lock, and every hand-off delays the acks.)
+                await trio.lowlevel.checkpoint()
+            batches = list(buffer.batches(self.settings.batch_bytes))
+        else:
+            entries: list[LokiEntry] = []
+            for frame in frames:
+                entries += self._shape_frame(frame, None)
+                await trio.lowlevel.checkpoint()
+            batches = list(batches_by_tenant(entries, self.settings.batch_bytes))
         self.stats.frames += len(frames)
         return _Round(
-            batches=batches_by_tenant(entries, self.settings.batch_bytes),
+            batches=batches,
             end=end,
             oldest_ns=frames[0].header.recv_time_ns if frames else None,
             shaping_s=time.monotonic() - started,
@@ -540,7 +581,7 @@ class Shipper:
             self.stats.oldest_undelivered_ns = prepared.oldest_ns
         delivered = dead = 0
 
-        async def push(batch: Batch) -> None:
+        async def push(batch: AnyBatch) -> None:
             nonlocal delivered, dead
             d, x = await push_and_settle(self.sink, batch, self._dead, self.stats)
             delivered += d
@@ -556,13 +597,16 @@ class Shipper:
         self.cursor = prepared.end
         await self._on_delivered(prepared.end)
 
-    def _shape_frame(self, frame: StoredFrame) -> list[LokiEntry]:
+    def _shape_frame(self, frame: StoredFrame, into: PushBuffer | None) -> list[LokiEntry]:
+        """The frame's entries (``into`` None), or nothing after adding them to ``into`` encoded."""
         try:
-            return self.transformer.entries(frame)
+            if into is None:
+                return self.transformer.entries(frame)
+            self.transformer.encode(frame, into)
         except RemoteProtocolError as exc:
             self.stats.bad_frames += 1
             log.error("stored_frame_undecodable", segment=frame.segment, offset=frame.offset, error=str(exc))
-            return []
+        return []
 
     def _read_round(self) -> tuple[list[StoredFrame], Position]:
         frames: list[StoredFrame] = []

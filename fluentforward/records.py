@@ -10,6 +10,7 @@ Public API::
     build_rules(*, line_format="auto", labels=None, structured_metadata=None, cluster="",
                 tenant=None, envelope_keys=None, max_line_bytes=DEFAULT_MAX_LINE_BYTES) -> ShapeRules
     Shaper(rules=...).shape(tag, entry, trace) -> LokiEntry
+    Shaper(rules=...).encode_events(tag, events, find_trace, into, sources=None)   (the shipper's path)
     Template.parse(source) -> Template;  Template.render(tag, entry, trace=None) -> str
     LineFormat, jsonable(value), clean_text(text), sanitize_label_name(name)
 
@@ -83,7 +84,7 @@ import enum
 import functools
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import attrs
@@ -94,6 +95,25 @@ from fluentforward.errors import ConfigError
 from fluentforward.ids import TraceContext
 from fluentforward.protocol._events import Entry
 from fluentforward.sinks import LokiEntry
+from fluentforward.sinks._loki_proto import (
+    _GROUP as _VARINT_GROUP,
+)
+from fluentforward.sinks._loki_proto import (
+    _GROUP_BITS,
+    _GROUP_MASK,
+    _NS_PER_S,
+    _UINT64_MASK,
+    _VARINT,
+    _VARINT_LOW,
+    EncodedEntry,
+    PushBuffer,
+    Stream,
+    _metadata_prefix,
+    _utf8,
+    _varint,
+    metadata_field,
+    stream_of,
+)
 
 __all__ = [
     "DEFAULT_ENVELOPE_KEYS",
@@ -1082,6 +1102,28 @@ def _kv_line(payload: Mapping[Any, Any]) -> str:
     return " ".join(pairs)
 
 
+def _no_append(_entry: EncodedEntry) -> None:  # pragma: no cover - replaced before the first use
+    raise AssertionError
+
+
+_NO_STREAM = Stream(())
+# Nanoseconds from here on (most of them) take the five-byte varint of three 14-bit groups.
+_NANOS_3_GROUPS = 1 << (2 * _GROUP_BITS)
+
+
+def _trace_fields(slots: tuple[tuple[str, int], ...], trace: TraceContext) -> tuple[bytes, int]:
+    """The encoded trace-id metadata fields of one entry, and their ``entry_size`` bytes."""
+    fields = []
+    cost = 0
+    for name, root in slots:
+        value = trace.trace_id if root == _TRACE_ID else trace.span_id
+        if value:
+            data = _utf8(value)
+            fields.append(_metadata_prefix(name, len(data)) + data)
+            cost += len(name.encode()) + len(data)
+    return b"".join(fields), cost
+
+
 @attrs.define
 class _Memo:
     """The last memoized inputs and what they gave (see ``_MemoPlan``)."""
@@ -1091,6 +1133,9 @@ class _Memo:
     metadata: tuple[tuple[str, str], ...] = ()
     metadata_bytes: int = 0
     tenant: str | None = None
+    # For encode_events: the labels' Stream and the metadata's encoded EntryAdapter fields.
+    stream: Stream | None = None
+    encoded_metadata: bytes = b""
 
 
 @attrs.frozen(kw_only=True)
@@ -1146,6 +1191,180 @@ class Shaper:
                 )
         return self._shape_fully(time_ns, record, _roots(tag, record, metadata, group, trace))
 
+    def encode_events(
+        self,
+        tag: str,
+        events: Iterable[tuple[int, dict[Any, Any], dict[Any, Any], dict[Any, Any] | None]],
+        find_trace: Callable[[dict[Any, Any], dict[Any, Any]], TraceContext | None],
+        into: PushBuffer,
+        sources: MutableMapping[str, int] | None = None,
+    ) -> None:
+        """Shape events and append them to ``into`` already encoded for Loki's protobuf push.
+
+        The shipper's hot path: for each event the result is ``shape_event``'s entry, but written as
+        its encoded ``EntryAdapter`` (``sinks._loki_proto.PushBuffer``); labels, tenant and the
+        memoized metadata are encoded once per stream, and no ``LokiEntry`` is built while the memo
+        holds. ``EncodedBatch.encode_protobuf`` then gives the body ``encode_push_protobuf`` gives
+        for the shaped entries, byte for byte.
+
+        Args:
+            tag: the Forward tag of every event.
+            events: ``(time_ns, record, metadata, group)`` tuples, as ``reader.events_of`` returns.
+            find_trace: ``(record, metadata) -> TraceContext | None`` (``ids.extract_trace_context``).
+            into: where the encoded entries go, per tenant.
+            sources: if given, counts each event under its trace context's ``source`` (``"none"``
+                when there is none).
+        """
+        plan = self.rules._memo
+        if plan is None:
+            for time_ns, record, metadata, group in events:
+                trace = find_trace(record, metadata)
+                if sources is not None:
+                    sources[trace.source if trace is not None else "none"] += 1
+                into.add(self._shape_fully(time_ns, record, _roots(tag, record, metadata, group, trace)))
+            return
+        rules = self.rules
+        memo = self._memo
+        memo_key = plan.key
+        shape_fully = self._shape_fully
+        line_bytes = self._line_bytes
+        auto = rules.line_format is LineFormat.AUTO
+        envelope = rules.envelope_keys
+        limit = rules.max_line_bytes
+        varints = _VARINT
+        slots = plan.trace_slots
+        # The usual slots, trace_id then span_id: their ids are 32 and 16 bytes, so the fields'
+        # prefixes are constants. Any other shape of slot or value takes _trace_fields.
+        pair = len(slots) == 2 and slots[0][1] == _TRACE_ID and slots[1][1] == _SPAN_ID
+        trace_prefix = _metadata_prefix(slots[0][0], 32) if pair else b""
+        span_prefix = _metadata_prefix(slots[1][0], 16) if pair else b""
+        both_len = len(trace_prefix) + 32 + len(span_prefix) + 16
+        trace_only_cost = len(slots[0][0].encode()) + 32 if pair else 0
+        both_cost = trace_only_cost + len(slots[1][0].encode()) + 16 if pair else 0
+        last_key: Any = _UNSET
+        stream = _NO_STREAM
+        encoded_metadata = b""
+        metadata_len = metadata_cost = 0
+        append: Callable[[EncodedEntry], None] = _no_append
+        traced_ok = False
+        last_keys: tuple[Any, ...] | None = None
+        message_key: Any = _UNSET
+        second_start = 0
+        seconds_field = b""
+        ts_head = b"\x0a\x06\x10"  # for nanos of 28 bits or more: the field up to their 5 bytes
+        for time_ns, record, metadata, group in events:
+            trace = find_trace(record, metadata)
+            if sources is not None:
+                sources[trace.source if trace is not None else "none"] += 1
+            key = memo_key(record, metadata, group, tag)
+            if key != last_key:
+                if key != memo.key and not self._remember(plan, key, record, metadata, group, tag):
+                    last_key = _UNSET
+                    into.add(shape_fully(time_ns, record, _roots(tag, record, metadata, group, trace)))
+                    continue
+                last_key = memo.key
+                stream = memo.stream or _NO_STREAM  # _remember sets it
+                encoded_metadata = memo.encoded_metadata
+                metadata_len = len(encoded_metadata)
+                metadata_cost = memo.metadata_bytes
+                append = into.entries_of(memo.tenant).append
+                traced_ok = memo.metadata_bytes + plan.trace_bytes <= MAX_STRUCTURED_METADATA_BYTES
+            if trace is not None and not traced_ok:
+                into.add(shape_fully(time_ns, record, _roots(tag, record, metadata, group, trace)))
+                continue
+
+            # The line: Shaper._line_bytes, with the usual case inlined (AUTO, and the payload is one
+            # text). Records of a stream have the same keys: the payload's key is found once per run.
+            line = None
+            if auto:
+                keys = tuple(record)
+                if keys != last_keys:
+                    last_keys = keys
+                    message_key = _UNSET
+                    rest = record.keys() - envelope
+                    if len(rest) == 1:
+                        (only,) = rest
+                        if only in _MESSAGE_KEY_SET:
+                            message_key = only
+                if message_key is not _UNSET:
+                    text = record[message_key]
+                    if type(text) is str:
+                        if text[-1:] == "\n":
+                            text = text[:-2] if text[-2:] == "\r\n" else text[:-1]
+                        if text.isascii() and len(text) <= limit:
+                            line = text.encode()
+                        else:
+                            line = self._bound_utf8_bytes(clean_text(text).encode("utf-8"))
+            if line is None:
+                line = line_bytes(record)
+            line_len = len(line)
+            line_len_bytes = varints[line_len] if line_len < _VARINT_GROUP else _varint(line_len)
+
+            # EntryAdapter field 1, as encode_push_protobuf writes it.
+            nanos = time_ns - second_start
+            if not 0 <= nanos < _NS_PER_S:
+                seconds, nanos = divmod(time_ns, _NS_PER_S)  # floor: nanos in [0, 1e9)
+                second_start = time_ns - nanos
+                # int64 seconds: a negative value is its 64-bit two's complement.
+                seconds_field = b"\x08" + _varint(seconds & _UINT64_MASK) if seconds else b""
+                ts_head = b"\x0a" + varints[len(seconds_field) + 6] + seconds_field + b"\x10"
+            if nanos >= _NANOS_3_GROUPS:  # most nanos need 28 bits or more: five bytes
+                ts_field = (
+                    ts_head
+                    + _VARINT_LOW[nanos & _GROUP_MASK]
+                    + _VARINT_LOW[(nanos >> _GROUP_BITS) & _GROUP_MASK]
+                    + varints[nanos >> (2 * _GROUP_BITS)]
+                )
+            else:
+                ts_body = seconds_field + b"\x10" + _varint(nanos) if nanos else seconds_field
+                ts_field = b"\x0a" + varints[len(ts_body)] + ts_body
+
+            body_len = len(ts_field) + 1 + len(line_len_bytes) + line_len + metadata_len
+            if trace is None:
+                body_len_bytes = varints[body_len] if body_len < _VARINT_GROUP else _varint(body_len)
+                data = b"".join(
+                    (b"\x12", body_len_bytes, ts_field, b"\x12", line_len_bytes, line, encoded_metadata)
+                )
+                append((stream, time_ns, data, line_len + metadata_cost))
+                continue
+            span_id = trace.span_id
+            try:
+                trace_b = trace.trace_id.encode()
+                span_b = span_id.encode() if span_id is not None else b""
+            except (AttributeError, UnicodeEncodeError):  # not what fluentforward.ids makes
+                trace_b = span_b = b""
+            if pair and len(trace_b) == 32 and len(span_b) == 16:
+                body_len += both_len
+                body_len_bytes = varints[body_len] if body_len < _VARINT_GROUP else _varint(body_len)
+                data = b"".join(
+                    (
+                        b"\x12",
+                        body_len_bytes,
+                        ts_field,
+                        b"\x12",
+                        line_len_bytes,
+                        line,
+                        trace_prefix,
+                        trace_b,
+                        span_prefix,
+                        span_b,
+                        encoded_metadata,
+                    )
+                )
+                append((stream, time_ns, data, line_len + both_cost + metadata_cost))
+                continue
+            if pair and len(trace_b) == 32 and span_id is None:
+                found = trace_prefix + trace_b
+                cost = trace_only_cost
+            else:
+                found, cost = _trace_fields(slots, trace)
+            body_len += len(found)
+            body_len_bytes = varints[body_len] if body_len < _VARINT_GROUP else _varint(body_len)
+            data = b"".join(
+                (b"\x12", body_len_bytes, ts_field, b"\x12", line_len_bytes, line, found, encoded_metadata)
+            )
+            append((stream, time_ns, data, line_len + cost + metadata_cost))
+
     def _remember(
         self,
         plan: _MemoPlan,
@@ -1168,6 +1387,8 @@ class Shaper:
         memo.metadata = tuple(metadata_pairs)
         memo.metadata_bytes = sum(len(n.encode()) + len(v.encode()) for n, v in metadata_pairs)
         memo.tenant = None if tenant is None else (_clean_tenant(tenant) or None)
+        memo.stream = stream_of(memo.labels)
+        memo.encoded_metadata = b"".join([metadata_field(n, v) for n, v in memo.metadata])
         memo.key = key
         return True
 
@@ -1184,7 +1405,8 @@ class Shaper:
             tenant,
         )
 
-    def _line(self, record: dict[Any, Any]) -> str:
+    def _line_source(self, record: dict[Any, Any]) -> str | bytes:
+        """The line before the length bound: text (a message, logfmt) or compact JSON bytes."""
         rules = self.rules
         fmt = rules.line_format
         envelope = rules.envelope_keys
@@ -1200,16 +1422,29 @@ class Shaper:
                 if text is None:
                     break
             if text is not None:
-                return self._bound_text(text)
+                return text
         elif fmt is LineFormat.RAW:
             for key in _MESSAGE_KEYS:
                 text = _message_text(record.get(key))
                 if text is not None:
-                    return self._bound_text(text)
+                    return text
         payload = {k: v for k, v in record.items() if k not in envelope}
         if fmt is LineFormat.KEY_VALUE:
-            return self._bound_text(_kv_line(payload))
-        return self._bound_utf8(_json_bytes(payload))
+            return _kv_line(payload)
+        return _json_bytes(payload)
+
+    def _line(self, record: dict[Any, Any]) -> str:
+        line = self._line_source(record)
+        return self._bound_text(line) if isinstance(line, str) else self._bound_utf8(line)
+
+    def _line_bytes(self, record: dict[Any, Any]) -> bytes:
+        """``_line(record)`` as UTF-8."""
+        line = self._line_source(record)
+        if isinstance(line, str):
+            if line.isascii() and len(line) <= self.rules.max_line_bytes:
+                return line.encode()
+            line = clean_text(line).encode("utf-8")
+        return self._bound_utf8_bytes(line)
 
     def _bound_text(self, text: str) -> str:
         if text.isascii() and len(text) <= self.rules.max_line_bytes:
@@ -1223,3 +1458,9 @@ class Shaper:
             return data.decode("utf-8")
         head = data[: limit - len(LINE_TRUNCATION_MARKER)]
         return head.decode("utf-8", "ignore") + LINE_TRUNCATION_MARKER
+
+    def _bound_utf8_bytes(self, data: bytes) -> bytes:
+        """``_bound_utf8(data)`` as UTF-8."""
+        if len(data) <= self.rules.max_line_bytes:
+            return data
+        return self._bound_utf8(data).encode("utf-8")

@@ -33,7 +33,7 @@ from fluentforward.pipeline import (
 )
 from fluentforward.reader import RecordFilter, entries_of
 from fluentforward.sinks import LokiEntry
-from fluentforward.sinks.loki import Batch, LokiSink
+from fluentforward.sinks.loki import AnyBatch, LokiSink, PushBuffer
 from fluentforward.spool import ScanEnd, StoredFrame, list_segments, read_frames, segment_path
 
 __all__ = [
@@ -210,21 +210,30 @@ async def replay_to_loki(
     result = ReplayResult()
     dead = DeadLetters(directory)
     stats: DeliveryStats = transformer.stats
+    # Entries are shaped straight into encoded form (Shaper.encode_events) unless the sink wants JSON.
+    encoded = sink is None or sink.format == "protobuf"
     async for group in _frame_groups(directory, record_filter):
         entries: list[LokiEntry] = []
+        buffer = PushBuffer()
+        count = 0
         for frame in group:
             result.frames += 1
             result.bytes_read += frame.size
             try:
-                entries += transformer.entries(frame, record_filter)
+                if encoded:
+                    count += transformer.encode(frame, buffer, record_filter)
+                else:
+                    entries += transformer.entries(frame, record_filter)
             except RemoteProtocolError as exc:
                 result.bad_frames += 1
                 log.error(
                     "stored_frame_undecodable", segment=frame.segment, offset=frame.offset, error=str(exc)
                 )
-        result.records += len(entries)
-        if sink is not None and entries:
-            await _push_all(sink, entries, dead, stats, batch_bytes, result)
+        result.records += count + len(entries)
+        if sink is not None and (count or entries):
+            batches: list[AnyBatch] = []
+            batches += buffer.batches(batch_bytes) if encoded else batches_by_tenant(entries, batch_bytes)
+            await _push_all(sink, batches, dead, stats, result)
         if progress is not None:
             progress.update(result)
     if progress is not None:
@@ -234,15 +243,12 @@ async def replay_to_loki(
 
 async def _push_all(
     sink: LokiSink,
-    entries: list[LokiEntry],
+    batches: list[AnyBatch],
     dead: DeadLetters,
     stats: DeliveryStats,
-    batch_bytes: int,
     result: ReplayResult,
 ) -> None:
-    batches = batches_by_tenant(entries, batch_bytes)
-
-    async def push(batch: Batch) -> None:
+    async def push(batch: AnyBatch) -> None:
         delivered, rejected = await push_and_settle(sink, batch, dead, stats)
         result.delivered += delivered
         result.rejected += rejected

@@ -235,6 +235,25 @@ def test_delivery_stats_plus_adds_counters_and_keeps_the_later_gauges():
     assert earlier.entries_delivered == 10  # inputs unchanged
 
 
+async def test_json_sink_delivers_and_dead_letters_through_plain_entries(stack, loki, tmp_path):
+    """With a JSON sink the shipper shapes LokiEntry values (no pre-encoded batches), same outcome."""
+    s = await stack(format="json")
+    old = NOW - 8 * 24 * 3600
+    entries = [[[et(NOW - 5 + i), {}], k8s_record(i, trace_id=f"{i + 1:032x}")] for i in range(4)]
+    entries[1] = [[et(old), {}], k8s_record(1)]
+    await s.send(forward("t", entries, {"chunk": "j"}))
+    await s.delivered()
+    assert sorted(e.line for e in loki.entries()) == [
+        json.dumps({"log": f"line {i}\n", "trace_id": f"{i + 1:032x}"}, separators=(",", ":"))
+        for i in (0, 2, 3)
+    ]
+    assert {e.structured_metadata["trace_id"] for e in loki.entries()} == {f"{i + 1:032x}" for i in (0, 2, 3)}
+    files = list((tmp_path / "spool" / "dead-letter").glob("*.jsonl"))
+    dead = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert [(d["line"], d["labels"]["app"]) for d in dead] == [("line 1", "checkout")]
+    assert (s.shipper.stats.entries_delivered, s.shipper.stats.entries_dead_lettered) == (3, 1)
+
+
 async def test_lanes_ship_only_their_own_segments(tmp_path, nursery, loki):
     """Two lanes over one spool: each ships the segments it owns, together everything once, and each
     reports its own cursor (the spool's cursor.json is its parent's to write)."""
@@ -292,3 +311,4 @@ def test_lane_cursor_loads_the_later_of_its_own_and_the_spools(tmp_path):
     combined.save(Position(segment=9, offset=8))
     assert own.load() == Position(segment=9, offset=8)
     assert (tmp_path / "cursor.lane-1-of-3.json").exists()
+

@@ -167,3 +167,15 @@ def test_replay_reads_the_spool_in_bounded_steps(tmp_path):
     groups = list(scan_frames(tmp_path / "spool", lambda _tag: True))
     assert [len(group) for group in groups] == [4, 4, 2]
     assert sum(f.header.record_count for group in groups for f in group) == 10 * per_frame
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+def test_replay_in_either_loki_format(spool_dir, loki, fmt):
+    """Protobuf replays send pre-encoded batches, JSON ones plain entries: the same entries arrive."""
+    args = ["replay", str(spool_dir), "--loki-url", loki.url, "--line-format", "raw", "--loki-format", fmt]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted((e.line, e.structured_metadata["trace_id"]) for e in loki.entries()) == sorted(
+        (f"r{i}", f"{i + 1:032x}") for i in range(30)
+    )
+    assert "delivered 30" in result.stderr

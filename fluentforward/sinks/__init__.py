@@ -1,7 +1,9 @@
 """Destinations for records read from the spool.
 
 A sink receives ``LokiEntry`` values: a record already shaped for Loki (labels, line, structured
-metadata). Shaping is pure code in ``fluentforward.records``; sinks only batch, encode and send.
+metadata). Shaping is pure code in ``fluentforward.records``; sinks only batch, encode and send. (The
+shipper's hot path skips the ``LokiEntry``: ``records.Shaper.encode_events`` writes entries already
+encoded into a ``loki.PushBuffer``.)
 """
 
 from __future__ import annotations

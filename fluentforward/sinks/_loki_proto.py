@@ -19,6 +19,9 @@ Invariants:
 - A batch holds one tenant's entries and is sized in "Loki bytes" (line + structured metadata,
   the measure of Loki's rate limiter), so a batch cap below the tenant burst (6 MB) can never be
   rate-limited for its size alone.
+- Pre-encoded entries (``PushBuffer``, ``EncodedBatch``: the shipper's path) give the same batches,
+  halves and request bytes as the same entries as ``LokiEntry`` values (``Batch``,
+  ``encode_push_protobuf``); their ``LokiEntry`` form is decoded back from the bytes when needed.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
+import functools
 import itertools
 import operator
 import random
 import re
 from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 import attrs
 import cramjam
@@ -44,17 +49,25 @@ __all__ = [
     "DEFAULT_MAX_BACKOFF_S",
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MIN_BACKOFF_S",
+    "AnyBatch",
     "Backoff",
     "Batch",
     "Batcher",
+    "EncodedBatch",
+    "EncodedEntry",
     "EncodedPush",
+    "PushBuffer",
     "PushOutcome",
     "Verdict",
     "classify_status",
     "encode_push_json",
     "encode_push_protobuf",
+    "entry_field",
     "entry_size",
+    "metadata_field",
     "render_selector",
+    "stream_of",
+    "timestamp_field",
 ]
 
 # Batches close at 1 MiB of line + metadata bytes, like Promtail's and Alloy's `batch_size`:
@@ -372,6 +385,248 @@ def encode_push_json(entries: Sequence[LokiEntry]) -> EncodedPush:
 
 
 # --------------------------------------------------------------------------------------------
+# Pre-encoded entries (the shipper's hot path)
+#
+# The shipper does not build a LokiEntry per record only to walk it again here: the shaper
+# (``records.Shaper.encode_events``) writes each entry's ``EntryAdapter`` field straight into a
+# ``PushBuffer``, next to its ``Stream`` (labels, and the selector encoded once per stream), its time
+# and its ``entry_size``. A push of such entries (``EncodedBatch.encode_protobuf``) only joins bytes,
+# and is byte for byte the body ``encode_push_protobuf`` makes of the same entries. The entries'
+# ``LokiEntry`` form is decoded back from the bytes on the rare paths that need it (dead letters,
+# a JSON sink).
+
+
+class Stream:
+    """A stream's labels and its encoded selector (``StreamAdapter`` field 1); see ``stream_of``.
+
+    Attributes:
+        labels: the stream's (name, value) pairs, as in ``LokiEntry.labels``.
+        field: the tag, length and UTF-8 selector text (``render_selector``).
+    """
+
+    __slots__ = ("field", "labels")
+
+    def __init__(self, labels: tuple[tuple[str, str], ...]) -> None:
+        self.labels = labels
+        selector = _utf8(render_selector(labels))
+        self.field = b"\x0a" + _varint(len(selector)) + selector
+
+
+@functools.lru_cache(maxsize=1024)
+def stream_of(labels: tuple[tuple[str, str], ...]) -> Stream:
+    """The ``Stream`` of a label set (cached: selectors are rendered once per label set)."""
+    return Stream(labels)
+
+
+# (stream, time in Unix ns, EntryAdapter field bytes (StreamAdapter field 2), entry_size).
+EncodedEntry: TypeAlias = tuple[Stream, int, bytes, int]
+_ITEM_STREAM = operator.itemgetter(0)
+_ITEM_TIME = operator.itemgetter(1)
+_ITEM_DATA = operator.itemgetter(2)
+_ITEM_SIZE = operator.itemgetter(3)
+
+
+def timestamp_field(time_ns: int) -> bytes:
+    """EntryAdapter field 1, a ``google.protobuf.Timestamp {int64 seconds = 1; int32 nanos = 2;}``."""
+    seconds, nanos = divmod(time_ns, _NS_PER_S)  # floor: nanos in [0, 1e9)
+    body = b"\x08" + _varint(seconds & _UINT64_MASK) if seconds else b""
+    if nanos:
+        body += b"\x10" + _varint(nanos)
+    return b"\x0a" + _varint(len(body)) + body
+
+
+def metadata_field(name: str, value: str) -> bytes:
+    """EntryAdapter field 3, one structured metadata pair (lone surrogates become U+FFFD)."""
+    data = _utf8(value)
+    return _metadata_prefix(name, len(data)) + data
+
+
+def entry_field(entry: LokiEntry) -> bytes:
+    """StreamAdapter field 2: one entry's tag, length and ``EntryAdapter`` (labels and tenant aside)."""
+    line = _utf8(entry.line)
+    body = b"".join(
+        (
+            timestamp_field(entry.time_ns),
+            b"\x12",
+            _varint(len(line)),
+            line,
+            *(metadata_field(name, value) for name, value in entry.structured_metadata),
+        )
+    )
+    return b"\x12" + _varint(len(body)) + body
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data: bytes, pos: int, end: int) -> list[tuple[int, bytes]]:
+    """(tag byte, payload) of the length-delimited fields in ``data[pos:end]`` (all ours are)."""
+    out = []
+    while pos < end:
+        tag = data[pos]
+        length, pos = _read_varint(data, pos + 1)
+        out.append((tag, data[pos : pos + length]))
+        pos += length
+    return out
+
+
+def decode_entry(entry: EncodedEntry, tenant: str | None) -> LokiEntry:
+    """The ``LokiEntry`` an encoded entry was made of (the line and metadata read back from the bytes)."""
+    stream, time_ns, data, _ = entry
+    _, pos = _read_varint(data, 1)
+    line = ""
+    metadata = []
+    for tag, payload in _fields(data, pos, len(data)):
+        if tag == 0x12:
+            line = payload.decode("utf-8")
+        elif tag == 0x1A:
+            pair = dict(_fields(payload, 0, len(payload)))
+            metadata.append((pair.get(0x0A, b"").decode("utf-8"), pair.get(0x12, b"").decode("utf-8")))
+    return LokiEntry(stream.labels, time_ns, line, tuple(metadata), tenant)
+
+
+def _encode_entries(entries: Sequence[EncodedEntry]) -> EncodedPush:
+    """``encode_push_protobuf`` for pre-encoded entries: the same grouping, order and bytes."""
+    groups: dict[tuple[tuple[str, str], ...], list[EncodedEntry]] = {}
+    # Runs of one Stream object (a Forward chunk is one container) are grouped in C.
+    for stream, run in itertools.groupby(entries, _ITEM_STREAM):
+        members = groups.get(stream.labels)
+        if members is None:
+            groups[stream.labels] = list(run)
+        else:
+            members.extend(run)
+    out: list[bytes] = []
+    for members in groups.values():
+        times = list(map(_ITEM_TIME, members))
+        if any(map(operator.gt, times, itertools.islice(times, 1, None))):
+            members.sort(key=_ITEM_TIME)  # stable: equal times keep their order
+        datas = list(map(_ITEM_DATA, members))
+        field = members[0][0].field
+        out += (b"\x0a", _varint(len(field) + sum(map(len, datas))), field)
+        out += datas
+    return EncodedPush(
+        body=bytes(cramjam.snappy.compress_raw(b"".join(out))),
+        headers=_PROTOBUF_HEADERS,
+        entries=len(entries),
+        streams=len(groups),
+    )
+
+
+def _halves(sizes: Sequence[int], total: int) -> tuple[int, int]:
+    """Where to cut entries of these sizes in two halves by size, and the head's size."""
+    count = len(sizes)
+    if total == 0:
+        cut = count // 2
+    else:
+        running = list(itertools.accumulate(sizes))
+        # The first entry at which the running size reaches half goes into the head.
+        cut = min(max(bisect.bisect_left(running, total / 2) + 1, 1), count - 1)
+    return cut, sum(sizes[:cut])
+
+
+@attrs.frozen(kw_only=True)
+class EncodedBatch:
+    """``Batch`` for pre-encoded entries: one push request's worth for a single tenant.
+
+    Attributes:
+        tenant: the entries' tenant, or None for the sink's default tenant.
+        items: the encoded entries, in arrival order.
+        size: their line + structured-metadata bytes (``entry_size``).
+    """
+
+    tenant: str | None
+    items: Sequence[EncodedEntry]
+    size: int
+
+    @property
+    def count(self) -> int:
+        """How many entries the batch holds."""
+        return len(self.items)
+
+    @property
+    def entries(self) -> tuple[LokiEntry, ...]:
+        """The entries as ``LokiEntry`` values, decoded from their bytes (dead letters, JSON)."""
+        tenant = self.tenant
+        return tuple(decode_entry(item, tenant) for item in self.items)
+
+    def encode_protobuf(self) -> EncodedPush:
+        """The push body: what ``encode_push_protobuf(self.entries)`` gives, without decoding."""
+        return _encode_entries(self.items)
+
+    def split(self) -> tuple[EncodedBatch, EncodedBatch] | None:
+        """Split into two halves by size, exactly as ``Batch.split`` does."""
+        if len(self.items) < 2:
+            return None
+        cut, head = _halves(list(map(_ITEM_SIZE, self.items)), self.size)
+        return (
+            EncodedBatch(tenant=self.tenant, items=self.items[:cut], size=head),
+            EncodedBatch(tenant=self.tenant, items=self.items[cut:], size=self.size - head),
+        )
+
+
+class PushBuffer:
+    """A round's encoded entries per tenant, in arrival order, until cut into ``EncodedBatch`` values.
+
+    Filled by ``records.Shaper.encode_events`` (and ``add`` for a ready ``LokiEntry``); ``batches``
+    cuts it exactly as ``pipeline.batches_by_tenant`` cuts the same entries.
+    """
+
+    __slots__ = ("by_tenant",)
+
+    def __init__(self) -> None:
+        self.by_tenant: dict[str | None, list[EncodedEntry]] = {}
+
+    def __len__(self) -> int:
+        return sum(map(len, self.by_tenant.values()))
+
+    def entries_of(self, tenant: str | None) -> list[EncodedEntry]:
+        """The list a tenant's next entries are appended to."""
+        found = self.by_tenant.get(tenant)
+        if found is None:
+            found = self.by_tenant[tenant] = []
+        return found
+
+    def add(self, entry: LokiEntry) -> None:
+        """Encode and append one entry."""
+        self.entries_of(entry.tenant).append(
+            (stream_of(entry.labels), entry.time_ns, entry_field(entry), entry_size(entry))
+        )
+
+    def batches(self, max_bytes: int) -> list[EncodedBatch]:
+        """Each tenant's entries (tenants in order of first entry) cut into push-sized batches.
+
+        A batch closes before the entry that would take it over ``max_bytes`` (line + metadata
+        bytes); an entry larger than that travels alone.
+        """
+        out = []
+        for tenant, items in self.by_tenant.items():
+            count = len(items)
+            # running[k]: the size of the first k entries.
+            running = list(itertools.accumulate(map(_ITEM_SIZE, items), initial=0))
+            start = 0
+            while start < count:
+                base = running[start]
+                # The first entry that takes the batch over the bound...
+                over = bisect.bisect_right(running, base + max_bytes, lo=start + 1) - 1
+                # ...starts the next batch, unless the batch is still empty (or all zero-sized): it
+                # then joins, alone over the bound, and the next batch starts after it.
+                cut = over if running[over] > base else over + 1
+                if over >= count or cut >= count:
+                    cut = count
+                out.append(EncodedBatch(tenant=tenant, items=items[start:cut], size=running[cut] - base))
+                start = cut
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # Batching
 
 
@@ -410,6 +665,11 @@ class Batch:
     entries: tuple[LokiEntry, ...]
     size: int
 
+    @property
+    def count(self) -> int:
+        """How many entries the batch holds."""
+        return len(self.entries)
+
     @classmethod
     def of(cls, entries: Sequence[LokiEntry], tenant: str | None = None) -> Batch:
         """Build a batch from entries, measuring their size."""
@@ -423,18 +683,15 @@ class Batch:
         """
         if len(self.entries) < 2:
             return None
-        count = len(self.entries)
-        if self.size == 0:
-            cut = count // 2
-        else:
-            running = list(itertools.accumulate(entry_size(e) for e in self.entries))
-            # The first entry at which the running size reaches half goes into the head.
-            cut = min(max(bisect.bisect_left(running, self.size / 2) + 1, 1), count - 1)
-        head = sum(entry_size(e) for e in self.entries[:cut])
+        cut, head = _halves(list(map(entry_size, self.entries)), self.size)
         return (
             Batch(tenant=self.tenant, entries=self.entries[:cut], size=head),
             Batch(tenant=self.tenant, entries=self.entries[cut:], size=self.size - head),
         )
+
+
+# What a sink pushes: entries as ``LokiEntry`` values or pre-encoded (the shipper's).
+AnyBatch: TypeAlias = Batch | EncodedBatch
 
 
 @attrs.define
@@ -582,7 +839,7 @@ class PushOutcome:
     """
 
     verdict: Verdict
-    batch: Batch
+    batch: AnyBatch
     status: int | None
     message: str = ""
 

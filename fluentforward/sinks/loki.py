@@ -15,6 +15,10 @@ How the pipeline drives it::
             dead_letter(outcome.batch, outcome.message)       # the valid part of a 400 is stored
     # only now advance the spool's delivery cursor past these entries
 
+(``pipeline.Shipper`` cuts its batches per round instead, and pre-encoded: ``PushBuffer.batches``
+gives ``EncodedBatch`` values, whose protobuf body is joined from bytes; a JSON sink decodes them.
+Every method here takes either kind of batch.)
+
 ``push`` is one attempt and never raises for Loki's or the network's sake: it returns a
 ``PushOutcome``. ``push_with_retry`` loops: RETRY (429, 5xx but 501, timeouts, connection errors)
 with jittered exponential backoff and no attempt limit; AUTH (401/403) keeps the data, sets
@@ -52,10 +56,14 @@ from fluentforward.sinks._loki_proto import (
     DEFAULT_MAX_BACKOFF_S,
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MIN_BACKOFF_S,
+    AnyBatch,
     Backoff,
     Batch,
     Batcher,
+    EncodedBatch,
+    EncodedEntry,
     EncodedPush,
+    PushBuffer,
     PushOutcome,
     Verdict,
     classify_status,
@@ -72,12 +80,16 @@ __all__ = [
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MIN_BACKOFF_S",
     "PUSH_PATH",
+    "AnyBatch",
     "Backoff",
     "Batch",
     "Batcher",
+    "EncodedBatch",
+    "EncodedEntry",
     "EncodedPush",
     "LokiSettings",
     "LokiSink",
+    "PushBuffer",
     "PushOutcome",
     "Verdict",
     "classify_status",
@@ -319,6 +331,7 @@ class LokiSink:
         self._settings = settings
         self._url = push_url(settings.url)
         self._encode = encode_push_json if settings.format == "json" else encode_push_protobuf
+        self._protobuf = settings.format == "protobuf"
         self._token = settings.bearer_token
         if settings.bearer_token_file is not None:
             self._token = _read_token(settings.bearer_token_file)
@@ -346,6 +359,11 @@ class LokiSink:
         return self._url
 
     @property
+    def format(self) -> str:
+        """The body format, ``protobuf`` or ``json``: only protobuf takes ``EncodedBatch`` as is."""
+        return self._settings.format
+
+    @property
     def auth_failed(self) -> bool:
         """True from a 401/403 until Loki accepts a request again: report not ready."""
         return self._auth_failed
@@ -370,7 +388,7 @@ class LokiSink:
     ) -> None:
         await self.aclose()
 
-    async def push(self, batch: Batch) -> PushOutcome:
+    async def push(self, batch: AnyBatch) -> PushOutcome:
         """Send one batch in one request (one tenant) and classify the answer.
 
         Args:
@@ -388,7 +406,10 @@ class LokiSink:
                 message = f"invalid tenant {tenant!r}: 1-150 of A-Z a-z 0-9 !-_.*'()"
                 return PushOutcome(verdict=Verdict.REJECTED, batch=batch, status=None, message=message)
             headers["X-Scope-OrgID"] = tenant
-        encoded = self._encode(batch.entries)
+        if self._protobuf and isinstance(batch, EncodedBatch):
+            encoded = batch.encode_protobuf()
+        else:
+            encoded = self._encode(batch.entries)
         headers.update(encoded.headers)
         request = self._client.build_request("POST", self._url, content=encoded.body, headers=headers)
         request.stream = _Body(encoded.body)  # same bytes, same Content-Length; see _Body
@@ -418,7 +439,7 @@ class LokiSink:
 
     async def push_with_retry(
         self,
-        batch: Batch,
+        batch: AnyBatch,
         *,
         sleep: Callable[[float], Awaitable[object]] = trio.sleep,
         rand: Callable[[], float] = random.random,
@@ -457,7 +478,7 @@ class LokiSink:
                 if verdict is Verdict.SPLIT or rate_limited >= SPLIT_AFTER_RATE_LIMITS:
                     halves = piece.split()
                     if halves is not None:
-                        log.warning("loki_push_split", status=outcome.status, entries=len(piece.entries))
+                        log.warning("loki_push_split", status=outcome.status, entries=piece.count)
                         pending.extend(reversed(halves))
                         break
                     if verdict is Verdict.SPLIT:  # one entry too large for Loki's body limit
