@@ -751,6 +751,7 @@ async def _deliver(pipe: MessageStream, start: _Start, delivery: DeliverySetting
             Transformer(Shaper(rules=delivery.shape_rules), delivery.id_rules),
             delivery.shipper,
             on_delivered=report,
+            on_counted=report,
             lane=start.lane,
         )
 

@@ -440,8 +440,9 @@ class Shipper:
 
     After every round the cursor is saved, then handed to ``on_delivered`` (and once at start, for the
     cursor loaded from disk). By default, for a ``Spool`` of this process, that is ``DeliveredSpace``;
-    a delivery child process reports it to its parent instead. With a ``lane``, it ships only that
-    lane's segments and keeps the lane's own cursor file.
+    a delivery child process reports it to its parent instead. ``on_counted``, if given, is called
+    when a round's counters are final, before its cursor is saved. With a ``lane``, it ships only
+    that lane's segments and keeps the lane's own cursor file.
     """
 
     def __init__(
@@ -453,6 +454,7 @@ class Shipper:
         *,
         clock: Callable[[], float] = time.time,
         on_delivered: Callable[[Position], Awaitable[None]] | None = None,
+        on_counted: Callable[[], Awaitable[None]] | None = None,
         lane: Lane | None = None,
     ) -> None:
         self.spool = spool
@@ -468,6 +470,7 @@ class Shipper:
                 raise TypeError("a spool view needs on_delivered: retention belongs to the spool's owner")
             on_delivered = DeliveredSpace(spool, self.settings, clock=clock).advance
         self._on_delivered = on_delivered
+        self._on_counted = on_counted
         self._cursors = CursorStore(spool.directory, lane)
         self._dead = DeadLetters(spool.directory, clock=clock)
         self._wake = trio.Event()
@@ -593,6 +596,10 @@ class Shipper:
         self.stats.entries_delivered += delivered
         self.stats.entries_dead_lettered += dead
         self.stats.last_push_seconds = prepared.shaping_s + time.monotonic() - started
+        if self._on_counted is not None:
+            # Counters go out before the cursor is saved: a crash in between makes the next run push
+            # the round again and count it again (it was pushed twice), never lose its count.
+            await self._on_counted()
         await trio.to_thread.run_sync(self._cursors.save, prepared.end)
         self.cursor = prepared.end
         await self._on_delivered(prepared.end)

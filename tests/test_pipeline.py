@@ -312,3 +312,37 @@ def test_lane_cursor_loads_the_later_of_its_own_and_the_spools(tmp_path):
     assert own.load() == Position(segment=9, offset=8)
     assert (tmp_path / "cursor.lane-1-of-3.json").exists()
 
+
+async def test_counters_are_reported_before_the_cursor_is_saved(tmp_path, nursery, loki):
+    """A crash between the two re-sends a round and counts it twice; the other order would lose its count."""
+    directory = tmp_path / "spool"
+    spool = Spool.open(SpoolSettings(directory=directory))
+    await nursery.start(spool.run)
+    await spool.append(
+        stored_header("t", 2), forward("t", [[et(NOW), k8s_record(1)], [et(NOW), k8s_record(2)]])
+    )
+    sink = LokiSink(LokiSettings(url=loki.url))
+    seen: list[tuple[int, Position | None]] = []
+
+    async def counted() -> None:
+        seen.append((shipper.stats.entries_delivered, CursorStore(directory).load()))
+
+    async def delivered(_cursor: Position) -> None:
+        pass
+
+    shipper = Shipper(
+        spool,
+        sink,
+        Transformer(Shaper(rules=build_rules()), DEFAULT_RULES),
+        ShipperSettings(batch_wait_s=0.01),
+        on_delivered=delivered,
+        on_counted=counted,
+    )
+    await nursery.start(shipper.run)
+    with trio.fail_after(10):
+        while not shipper.caught_up:
+            await trio.sleep(0.01)
+    assert seen == [(2, None)]
+    assert CursorStore(directory).load() == spool.durable_end
+    await sink.aclose()
+    spool.close()
