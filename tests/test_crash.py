@@ -52,21 +52,25 @@ async def test_sigkill_under_load_loses_no_acked_record(tmp_path, seed):
     server = ServerProcess(spool_dir)
     acked: set[int] = set()
     counter = [0]
-    for _round in range(3):
+    try:
+        for _round in range(3):
+            server.start()
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                before = len(acked)
+                for c in range(4):
+                    nursery.start_soon(_client, server.port, f"c{c}", acked, counter, stop)
+                with trio.fail_after(30):  # load is flowing in this round before the kill
+                    while len(acked) < before + 80:
+                        await trio.sleep(0.01)
+                await trio.sleep(rng.uniform(0.05, 0.8))
+                await trio.to_thread.run_sync(server.kill)
+                stop.set()
         server.start()
-        stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            before = len(acked)
-            for c in range(4):
-                nursery.start_soon(_client, server.port, f"c{c}", acked, counter, stop)
-            with trio.fail_after(30):  # load is flowing in this round before the kill
-                while len(acked) < before + 80:
-                    await trio.sleep(0.01)
-            await trio.sleep(rng.uniform(0.05, 0.8))
-            await trio.to_thread.run_sync(server.kill)
-            stop.set()
-    server.start()
-    server.stop()
+        server.stop()
+    finally:  # a failure above must not leave the server running
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop()
     verify = cli("spool", "verify", str(spool_dir))
     assert verify.returncode == 0, verify.stderr
     stored = {r["record"]["id"] for r in spool_records(spool_dir)}

@@ -42,15 +42,15 @@ def test_sigkill_during_delivery_loses_nothing(tmp_path):
         # (with 64 KiB, one round could take them all and the kill below would find nothing in flight).
         args = ("--loki-url", loki.url, "--loki-batch-wait", "50ms", "--loki-batch-bytes", "4KiB")
         server = ServerProcess(tmp_path / "spool", *args)
-        server.start()
-        _send_acked(server.port, 0, 2000)
-        _wait_for(lambda: len(loki.requests) >= 2, 20)  # delivery has started
-        server.kill()
-        server.start()
-        _send_acked(server.port, 2000, 500)
-        expected = {f"id={i}" for i in range(2500)}
-        _wait_for(lambda: {e.line for e in loki.entries()} >= expected, 60)
-        server.stop()
+        with server:  # stopped however the test ends: a failed assertion must not leave it running
+            _send_acked(server.port, 0, 2000)
+            _wait_for(lambda: len(loki.requests) >= 2, 20)  # delivery has started
+            server.kill()
+            server.start()
+            _send_acked(server.port, 2000, 500)
+            expected = {f"id={i}" for i in range(2500)}
+            _wait_for(lambda: {e.line for e in loki.entries()} >= expected, 60)
+            server.stop()
     lines = [e.line for e in loki.entries()]
     assert set(lines) == expected
 
