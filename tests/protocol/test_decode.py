@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 
 from fluentforward.errors import RemoteProtocolError
 from fluentforward.protocol import STORED_LIMITS, Limits, Mode, Signal, decode_frame, validate_request
-from fluentforward.protocol._decode import decode_raw_request, inspect_request
+from fluentforward.protocol._decode import (
+    _decode_streamed,
+    _decode_whole,
+    _peek_second_type,
+    decode_raw_request,
+    inspect_request,
+)
 from tests.helpers import capture, captures, compressed, et, forward, message, pack, packed, packed_entries
 
 RECORD = {
@@ -547,3 +553,82 @@ def test_decode_frame_common_entries_keep_metadata_and_groups():
         (7_000_000_008, {"b": 2}, {}, {"resource": "r"}),
         (9_000_000_000, {"c": 3}, {}, None),
     ]
+
+
+# --- decode_frame's two ways: entry by entry with shared map values, and in one call -------------------
+
+
+def _both(raw: bytes) -> tuple[Any, Any]:
+    """(entry-by-entry result or its exception, whole-frame result or its exception)."""
+    hint = _peek_second_type(raw)
+    out = []
+    for way in (
+        lambda: _decode_streamed(raw, hint, STORED_LIMITS),
+        lambda: _decode_whole(raw, hint, STORED_LIMITS),
+    ):
+        try:
+            out.append(way())
+        except Exception as exc:  # noqa: BLE001 - compared below
+            out.append(exc)
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("path", captures(), ids=lambda p: p.name)
+def test_streamed_decode_equals_whole_decode_on_every_capture(path):
+    for raw in _frames(path.name):
+        streamed, whole = _both(raw)
+        if not isinstance(streamed, Exception):
+            assert streamed == whole
+        assert decode_frame(raw) == whole
+
+
+def test_streamed_decode_shares_repeated_map_values_only():
+    pod = {"pod_name": "a", "labels": {"app": "x"}}
+    entries = [
+        [
+            [et(1, i), {}],
+            {"log": f"l{i}", "kubernetes": pod if i != 2 else {**pod, "pod_name": "b"}, "n": {"i": i % 2}},
+        ]
+        for i in range(4)
+    ]
+    raw = forward("t", entries)
+    events = decode_frame(raw).events
+    assert [e[1]["kubernetes"]["pod_name"] for e in events] == ["a", "a", "b", "a"]
+    assert events[0][1]["kubernetes"] is events[1][1]["kubernetes"]
+    assert events[2][1]["kubernetes"] is not events[1][1]["kubernetes"]
+    assert events[3][1]["kubernetes"] is not events[1][1]["kubernetes"]  # only the record before counts
+    assert [e[1]["n"] for e in events] == [{"i": 0}, {"i": 1}, {"i": 0}, {"i": 1}]
+    assert decode_frame(raw) == _both(raw)[1]
+
+
+shared_maps = st.sampled_from([{}, {"a": 1}, {"a": 1, "b": [1, 2]}, {"k": {"x": "y"}}, {"a": "1"}])
+
+
+@given(
+    st.lists(
+        st.tuples(
+            entry_heads,
+            st.dictionaries(
+                st.sampled_from(["log", "kubernetes", "m", b"bin"]), shared_maps | json_like, max_size=4
+            ),
+        ),
+        max_size=8,
+    ),
+    st.sampled_from(["forward", "packed", "gzip"]),
+    st.booleans(),
+)
+def test_streamed_decode_equals_whole_decode(entries, mode, mutate):
+    """Generated frames (records repeating map values, group markers, odd heads, some bytes changed):
+    where the entry-by-entry decode answers, it answers what the whole-frame decode does."""
+    raw = {"forward": forward, "packed": packed, "gzip": compressed}[mode]("t", [list(e) for e in entries])
+    if mutate and len(raw) > 4:
+        raw = raw[:-3] + bytes([raw[-3] ^ 0x01]) + raw[-2:]
+    streamed, whole = _both(raw)
+    if not isinstance(streamed, Exception):
+        assert not isinstance(whole, Exception), whole
+        assert repr(streamed) == repr(whole)  # repr: NaN != NaN
+    if isinstance(whole, Exception):
+        with pytest.raises(RemoteProtocolError):
+            decode_frame(raw)
+    else:
+        assert repr(decode_frame(raw)) == repr(whole)
