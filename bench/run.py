@@ -79,6 +79,7 @@ class Scenario:
     aligned: bool = False
     workers: int = 1
     delivery_processes: int = 1  # --delivery-processes (lanes of one worker's spool)
+    spool_max: str | None = None  # --spool-max-bytes: small, backpressure holds acks to delivery's pace
     loki: bool = True  # ship to the local Loki sink when the server can
 
     def loadgen_args(self) -> list[str]:
@@ -117,6 +118,8 @@ _RSS_LOAD: dict[str, Any] = {"connections": 120, "mode": "forward", "chunk_recor
 _QUICK: dict[str, Any] = {"warmup": 2.0, "duration": 8.0}
 
 _LANES = "--delivery-processes 2 (one worker, two delivery lanes)"
+_STEADY = "spool capped at 128 MiB, so backpressure holds acks to what delivery ships"
+_STEADY_LOAD: dict[str, Any] = {"spool_max": "128MiB"}
 
 SCENARIOS_QUICK = [
     *_pair("throughput", f"mixed modes, {_MAX}", **_QUICK),
@@ -139,6 +142,17 @@ SCENARIOS_FULL = [
         receiver="server",
         what=f"{_LANES}, mixed, {_MAX}",
         delivery_processes=2,
+        duration=15.0,
+    ),
+    Scenario(
+        name="steady", receiver="server", what=f"{_STEADY}; mixed, {_MAX}", **_STEADY_LOAD, duration=15.0
+    ),
+    Scenario(
+        name="steady-lanes-2",
+        receiver="server",
+        what=f"{_STEADY}; {_LANES}, mixed, {_MAX}",
+        delivery_processes=2,
+        **_STEADY_LOAD,
         duration=15.0,
     ),
     Scenario(
@@ -198,13 +212,13 @@ def _start_receiver(
     sink = harness.start_lokisink(wd) if caps.loki and scenario.loki else None
     loki_url = f"http://127.0.0.1:{sink.port}" if sink is not None else None
     try:
-        lanes = ["--delivery-processes", str(scenario.delivery_processes)] if loki_url else []
+        extra = []
+        if loki_url and scenario.delivery_processes > 1:
+            extra += ["--delivery-processes", str(scenario.delivery_processes)]
+        if scenario.spool_max is not None:
+            extra += ["--spool-max-bytes", scenario.spool_max]  # after the harness's own: it wins
         server = harness.start_server(
-            wd,
-            loki_url=loki_url,
-            workers=scenario.workers,
-            spool_parent=spool_parent,
-            extra=lanes if scenario.delivery_processes > 1 else (),
+            wd, loki_url=loki_url, workers=scenario.workers, spool_parent=spool_parent, extra=extra
         )
     except BaseException:
         if sink is not None:
@@ -472,10 +486,15 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         )
         rate = server["delivered_per_s"] if loki else server["records_per_s"]
         measured = f"{_fmt(rate)}/s{'' if loki else ' acked'}{shipping}"
-        lanes = _find(results, "lanes-2")
-        if loki and lanes is not None and lanes["delivered_per_s"] is not None:
-            measured += f"; {_fmt(lanes['delivered_per_s'])}/s with --delivery-processes 2"
-            rate = max(rate or 0, lanes["delivered_per_s"])
+        for name, label in (
+            ("lanes-2", "with --delivery-processes 2"),
+            ("steady", "steady (acks held to delivery's pace)"),
+            ("steady-lanes-2", "steady with --delivery-processes 2"),
+        ):
+            other = _find(results, name)
+            if loki and other is not None and other["delivered_per_s"] is not None:
+                measured += f"; {_fmt(other['delivered_per_s'])}/s {label}"
+                rate = max(rate or 0, other["delivered_per_s"])
         out.append(
             (
                 f">= {TARGET_RECORDS_PER_S:,} records/s delivered end to end, one worker",
@@ -575,11 +594,22 @@ def micro_lines(micro: dict[str, Any]) -> list[str]:
             f"`encode_push_protobuf` {loki['protobuf_us']:.2f}",
             f"`encode_push_json` {loki['json_us']:.2f}",
         ]
+    if "encode_events_us" in loki:
+        parts.append(
+            f"shaping + batching + protobuf through `LokiEntry` values {loki['shape_batch_protobuf_us']:.2f}, "
+            f"fused (`Shaper.encode_events` + batch bodies, the shipper's way) {loki['encode_events_us']:.2f}"
+        )
     lines += ["", f"Loki, us/entry in {loki['batch_entries']}-entry batches: " + ", ".join(parts) + "."]
+    delivery = micro["delivery"]
+    fused = {mode.removesuffix("_shipper"): us for mode, us in delivery.items() if mode.endswith("_shipper")}
+    plain = {mode: us for mode, us in delivery.items() if not mode.endswith("_shipper")}
     lines += [
         "",
-        "Delivery path (`decode_frame` + `extract_trace_context` + `shape` + `encode_push_protobuf`), "
-        "us/record: " + ", ".join(f"{mode} {us:.2f}" for mode, us in micro["delivery"].items()) + ".",
+        "Delivery path per record before HTTP, us: what the shipper runs (`decode_frame` + "
+        "`Shaper.encode_events` with `extract_trace_context` + batch bodies) "
+        + ", ".join(f"{mode} {us:.2f}" for mode, us in fused.items())
+        + "; through `LokiEntry` values (`decode_frame` + `extract_trace_context` + `Shaper.shape` + "
+        "`encode_push_protobuf`) " + ", ".join(f"{mode} {us:.2f}" for mode, us in plain.items()) + ".",
         "",
         (
             "| spool append, 1 MB frames, fsync per batch | MB/s | appends/s | p50 ms | p99 ms | fsyncs "
