@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AppState",
     "Delivery",
+    "collect_garbage",
     "health_routes",
     "readiness_problems",
     "run_server",
@@ -158,10 +159,39 @@ GC_THRESHOLDS = (100_000, 50, 100)
 
 
 def tune_gc() -> None:
-    """Move start-up objects out of the collector's sight and collect the young generation less often."""
+    """Move start-up objects out of the collector's sight and collect the young generation less often.
+
+    A process that calls this must also run ``collect_garbage``: the thresholds count containers
+    allocated *and not yet freed*, which barely grows when records are freed as fast as they are
+    decoded, so collections would almost never run.
+    """
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+# With GC_THRESHOLDS the collector seldom runs by itself, while reference cycles keep forming: each
+# push leaves httpx's request and response in a cycle holding the request body (about 150 KB), and
+# connections and trio tasks leave their own. Measured in a delivery process at 10k records/s: 0.8 MB/s
+# of such garbage, 30 MB reclaimed by one collection. The young generations are collected every
+# second (about a millisecond: they hold only what is in flight), everything once a minute.
+GC_YOUNG_INTERVAL_S = 1.0
+GC_FULL_INTERVAL_S = 60.0
+
+
+async def collect_garbage(
+    *, young_s: float = GC_YOUNG_INTERVAL_S, full_s: float = GC_FULL_INTERVAL_S
+) -> None:
+    """Collect reference cycles on a clock instead of by allocation counts (see ``tune_gc``); forever."""
+    since_full = 0.0
+    while True:
+        await trio.sleep(young_s)
+        since_full += young_s
+        if since_full >= full_s:
+            since_full = 0.0
+            gc.collect()
+        else:
+            gc.collect(1)
 
 
 async def run_server(
@@ -178,6 +208,7 @@ async def run_server(
     try:
         async with _shipper(spool, delivery) as shipper, trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, shutdown)
+            nursery.start_soon(collect_garbage)
             if shipper is not None:
                 await nursery.start(shipper.run)
             served = trio.Event()

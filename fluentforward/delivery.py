@@ -721,6 +721,8 @@ async def _child_main(in_fd: int, out_fd: int) -> int:
 
 
 async def _deliver(pipe: MessageStream, start: _Start, delivery: DeliverySettings, sink: LokiSink) -> int:
+    from fluentforward.app import collect_garbage  # noqa: PLC0415 - the child only, as main()'s imports
+
     view = RemoteSpool(start.spool_dir, start.durable)
     shipper: Shipper | None = None
     reason = "drained"
@@ -791,6 +793,7 @@ async def _deliver(pipe: MessageStream, start: _Start, delivery: DeliverySetting
                     return
 
         nursery.start_soon(watch_signals)
+        nursery.start_soon(collect_garbage)
         nursery.start_soon(listen)
         await nursery.start(shipper.run)
         nursery.start_soon(tick)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import urllib.request
+import weakref
 
 import msgpack
 import pytest
+import trio
 
+from fluentforward.app import GC_FULL_INTERVAL_S, GC_THRESHOLDS, GC_YOUNG_INTERVAL_S, collect_garbage
 from tests.helpers import forward
 from tests.procs import ServerProcess, spool_records
 
@@ -46,3 +50,36 @@ def test_probes_and_sigterm_exit_zero(tmp_path):
     events = [e["event"] for e in server.events()]
     assert "shutdown_requested" in events
     assert "stopped" in events
+
+
+class _Cyclic:
+    """An object in a reference cycle: only the cyclic collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+        self.payload = bytearray(1024)
+
+
+async def test_collect_garbage_frees_cycles_on_a_clock_despite_tuned_thresholds(autojump_clock):
+    """With tune_gc's thresholds the collector would not run for a long time; collect_garbage frees
+    cycles within a second (young generations) and a minute (everything, after a promotion)."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        old = _Cyclic()
+        old_ref = weakref.ref(old)
+        gc.collect(1)  # `old` survives the young collections: it now sits in the oldest generation
+        del old
+        young = _Cyclic()
+        young_ref = weakref.ref(young)
+        del young
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect_garbage)
+            await trio.sleep(GC_YOUNG_INTERVAL_S + 0.1)
+            assert young_ref() is None
+            assert old_ref() is not None
+            await trio.sleep(GC_FULL_INTERVAL_S)
+            assert old_ref() is None
+            nursery.cancel_scope.cancel()
+    finally:
+        gc.set_threshold(*thresholds)
