@@ -22,8 +22,11 @@ def _orjson_dumps(event: dict[str, Any], **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
 
 
-def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
-    return structlog.PrintLogger(sys.stderr)
+def _stderr_logger(*_args: Any) -> structlog.WriteLogger:
+    # One write per line, newline included: the server, its workers and its delivery processes share
+    # one stderr, and PrintLogger's print() writes the newline separately, so another process's line
+    # could land between an event and its newline (two JSON objects on one line for a log shipper).
+    return structlog.WriteLogger(sys.stderr)
 
 
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:

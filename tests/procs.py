@@ -54,6 +54,15 @@ class ServerProcess:
             cwd=REPO,
         )
         log_file.close()
+        try:
+            return self._wait_until_listening(offset, timeout)
+        except BaseException:  # no `with` block owns the process yet: never leave it running
+            if self.proc.poll() is None:
+                self.stop()
+            raise
+
+    def _wait_until_listening(self, offset: int, timeout: float) -> Self:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for event in self._events(offset):
