@@ -433,6 +433,7 @@ class _Round:
     end: Position  # the cursor once every batch is settled
     oldest_ns: int | None  # receive time of the round's first frame
     shaping_s: float
+    frames: int = 0  # stored frames read
 
 
 class Shipper:
@@ -575,6 +576,7 @@ class Shipper:
             end=end,
             oldest_ns=frames[0].header.recv_time_ns if frames else None,
             shaping_s=time.monotonic() - started,
+            frames=len(frames),
         )
 
     async def _push_round(self, prepared: _Round) -> None:
@@ -600,7 +602,11 @@ class Shipper:
             # Counters go out before the cursor is saved: a crash in between makes the next run push
             # the round again and count it again (it was pushed twice), never lose its count.
             await self._on_counted()
-        await trio.to_thread.run_sync(self._cursors.save, prepared.end)
+        if self.lane is None or prepared.frames:
+            await trio.to_thread.run_sync(self._cursors.save, prepared.end)
+        # else: a lane's round over other lanes' segments only. Its cursor moves (the parent's combined
+        # cursor needs it) but is not saved: from the old one a restart finds nothing of its own to
+        # send again, and an idle lane would otherwise fsync once per MiB the other lanes receive.
         self.cursor = prepared.end
         await self._on_delivered(prepared.end)
 

@@ -17,7 +17,7 @@ from fluentforward.protocol import Signal
 from fluentforward.records import Shaper, build_rules
 from fluentforward.server import serve
 from fluentforward.sinks.loki import LokiSettings, LokiSink
-from fluentforward.spool import FrameHeader, Position, Spool, SpoolSettings, read_frames
+from fluentforward.spool import FrameHeader, Position, Spool, SpoolSettings, list_segments, read_frames
 from tests.fakeloki import FakeLoki, Reply
 from tests.helpers import et, forward, stored_header
 
@@ -344,5 +344,40 @@ async def test_counters_are_reported_before_the_cursor_is_saved(tmp_path, nurser
             await trio.sleep(0.01)
     assert seen == [(2, None)]
     assert CursorStore(directory).load() == spool.durable_end
+    await sink.aclose()
+    spool.close()
+
+
+async def test_a_lane_with_nothing_of_its_own_reports_but_does_not_save(tmp_path, nursery, loki):
+    """Rounds over other lanes' segments move and report the lane's cursor without an fsync'd save:
+    from its old cursor a restarted lane finds nothing of its own to send again."""
+    directory = tmp_path / "spool"
+    spool = Spool.open(SpoolSettings(directory=directory))
+    await nursery.start(spool.run)
+    for i in range(3):
+        await spool.append(stored_header("t", 1), forward("t", [[et(NOW), k8s_record(i)]]))
+    assert list_segments(directory) == [1]  # lane 1 of 2 owns it; lane 0 owns nothing here
+    sink = LokiSink(LokiSettings(url=loki.url))
+    reports: list[Position] = []
+
+    async def report(cursor: Position) -> None:
+        reports.append(cursor)
+
+    idle = Shipper(
+        spool,
+        sink,
+        Transformer(Shaper(rules=build_rules()), DEFAULT_RULES),
+        ShipperSettings(batch_wait_s=0.01),
+        on_delivered=report,
+        lane=Lane(index=0, count=2),
+    )
+    await nursery.start(idle.run)
+    with trio.fail_after(10):
+        while not idle.caught_up:
+            await trio.sleep(0.01)
+    assert reports[-1] == spool.durable_end
+    assert idle.stats.records == 0
+    assert loki.entries() == []
+    assert not (directory / Lane(index=0, count=2).cursor_file).exists()
     await sink.aclose()
     spool.close()
