@@ -755,27 +755,7 @@ def _events_with_groups(raw_entries: list[Any], where: int) -> list[EventParts]:
     events: list[EventParts] = []
     append = events.append
     group: dict[Any, Any] | None = None
-    time_pair = _TIME_PAIR.unpack
     for index, raw_entry in enumerate(raw_entries):
-        # Inlined for the common entries, [[EventTime, {...}], record] and [EventTime, record]; every
-        # other form, and anything invalid or a group marker, takes _split_entry.
-        if type(raw_entry) is list and len(raw_entry) == 2:
-            head, record = raw_entry
-            if type(head) is list and len(head) == 2:
-                time, metadata = head
-            else:
-                time, metadata = head, None
-            if (
-                type(time) is slice
-                and time.start == EVENT_TIME_CODE
-                and type(record) is dict
-                and (metadata is None or type(metadata) is dict)
-                and len(data := time.stop) == 8
-            ):
-                seconds, nanos = time_pair(data)
-                if nanos < _NS and seconds < GROUP_END_SECONDS:
-                    append((seconds * _NS + nanos, record, metadata or {}, group))
-                    continue
         time_ns, metadata, record = _split_entry(raw_entry, where, index)
         if time_ns < 0:
             group = record if time_ns == GROUP_START else None
