@@ -184,12 +184,10 @@ def read_frames(
     for sequence in list_segments(directory):
         if start is not None and sequence < start.segment:
             continue
-        if segments is not None and not segments(sequence):
-            if stop is not None and sequence > stop.segment:
-                return
-            continue
         if stop is not None and sequence > stop.segment:
             return
+        if segments is not None and not segments(sequence):
+            continue
         first = start.offset if start is not None and sequence == start.segment else len(SEGMENT_MAGIC)
         end = stop.offset if stop is not None and sequence == stop.segment else None
         path = segment_path(directory, sequence)
