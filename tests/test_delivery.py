@@ -283,6 +283,22 @@ async def test_delivered_space_releases_bytes_and_applies_retention(tmp_path, nu
     spool.close()
 
 
+async def test_delivered_space_keeps_at_most_retention_bytes_of_delivered_segments(tmp_path, nursery):
+    """Within retention_s, the oldest delivered segments go until the rest fit in retention_bytes."""
+    spool = await _spool_with_segments(tmp_path / "spool", nursery, 8)
+    segments = list_segments(spool.directory)
+    cursor = Position(segment=segments[-1], offset=100)
+    delivered = segments[:-1]
+    assert len(delivered) >= 3
+    newest_two = sum(segment_path(spool.directory, s).stat().st_size for s in delivered[-2:])
+    space = DeliveredSpace(spool, ShipperSettings(retention_s=3600, retention_bytes=newest_two))
+    await space.advance(cursor)
+    assert list_segments(spool.directory) == [*delivered[-2:], segments[-1]]
+    last = segment_path(spool.directory, segments[-1]).stat().st_size
+    assert spool.used_bytes == last - 100
+    spool.close()
+
+
 def _parent(spool: Spool, processes: int = 1) -> DeliveryProcess:
     delivery = DeliverySettings(
         loki=None,
