@@ -385,44 +385,42 @@ class DeliveredSpace:
         await trio.to_thread.run_sync(self._advance, cursor)
 
     def _advance(self, cursor: Position) -> None:
-        self._apply_retention(cursor)
-        self._account(cursor)
+        sizes, in_cursor_segment = self._delivered_sizes(cursor)
+        self._apply_retention(sizes)
+        # What is left of the delivered segments, plus the cursor's own segment up to the cursor.
+        delivered = sum(size for size, _ in sizes.values()) + in_cursor_segment
+        trio.from_thread.run_sync(self.spool.release, delivered)
 
-    def _apply_retention(self, cursor: Position) -> None:
+    def _delivered_sizes(self, cursor: Position) -> tuple[dict[int, tuple[int, float]], int]:
+        """Size and mtime of each segment wholly before the cursor, and the delivered bytes of the
+        cursor's own segment (0 when it does not exist): one listing, one stat per segment."""
         directory = self.spool.directory
-        now = self._clock()
-        kept_bytes = 0
-        sizes = {}
+        sizes: dict[int, tuple[int, float]] = {}
         for seq in list_segments(directory):
             if seq >= cursor.segment:
-                break
+                return sizes, cursor.offset if seq == cursor.segment else 0
             try:
                 stat = segment_path(directory, seq).stat()
             except FileNotFoundError:
                 continue
-            sizes[seq] = stat.st_size
-            kept_bytes += stat.st_size
-            if now - stat.st_mtime > self.settings.retention_s:
-                kept_bytes -= trio.from_thread.run_sync(self.spool.forget_segment, seq)
-                sizes.pop(seq)
+            sizes[seq] = (stat.st_size, stat.st_mtime)
+        return sizes, 0
+
+    def _apply_retention(self, sizes: dict[int, tuple[int, float]]) -> None:
+        """Delete delivered segments past retention_s, then the oldest beyond retention_bytes; the
+        deleted ones leave ``sizes``."""
+        now = self._clock()
+        for seq, (_, mtime) in list(sizes.items()):
+            if now - mtime > self.settings.retention_s:
+                trio.from_thread.run_sync(self.spool.forget_segment, seq)
+                del sizes[seq]
         limit = self.settings.retention_bytes
+        kept_bytes = sum(size for size, _ in sizes.values())
         for seq in sorted(sizes):
             if limit is None or kept_bytes <= limit:
                 break
             kept_bytes -= trio.from_thread.run_sync(self.spool.forget_segment, seq)
-
-    def _account(self, cursor: Position) -> None:
-        directory = self.spool.directory
-        delivered = 0
-        for seq in list_segments(directory):
-            if seq < cursor.segment:
-                try:
-                    delivered += segment_path(directory, seq).stat().st_size
-                except FileNotFoundError:
-                    continue
-            elif seq == cursor.segment:
-                delivered += cursor.offset
-        trio.from_thread.run_sync(self.spool.release, delivered)
+            del sizes[seq]
 
 
 @attrs.frozen(kw_only=True)
