@@ -63,6 +63,7 @@ __all__ = [
     "DeliveredSpace",
     "DeliveryStats",
     "Lane",
+    "RoundShaper",
     "Shipper",
     "ShipperSettings",
     "SpoolView",
@@ -185,6 +186,37 @@ class Transformer:
         self.shaper.encode_events(frame.header.tag, events, self._find_trace, into, self.stats.trace_sources)
         self.stats.records += len(events)
         return len(events)
+
+
+class RoundShaper:
+    """Frames shaped into push batches: encoded as they are shaped for a protobuf sink (``encode``),
+    through ``LokiEntry`` values for a JSON one (``entries``). The shipper uses one per round, replay
+    one per step."""
+
+    def __init__(self, transformer: Transformer, *, encoded: bool) -> None:
+        self._transformer = transformer
+        self._buffer = PushBuffer() if encoded else None
+        self._entries: list[LokiEntry] = []
+        self.records = 0
+
+    def add(self, frame: StoredFrame, record_filter: RecordFilter | None = None) -> None:
+        """Shape a frame's events (those the filter keeps).
+
+        Raises:
+            RemoteProtocolError: as ``Transformer.entries`` (nothing is added then).
+        """
+        if self._buffer is not None:
+            self.records += self._transformer.encode(frame, self._buffer, record_filter)
+        else:
+            entries = self._transformer.entries(frame, record_filter)
+            self._entries += entries
+            self.records += len(entries)
+
+    def batches(self, max_bytes: int) -> list[AnyBatch]:
+        """Everything added, per tenant, in batches of at most ``max_bytes`` (line + metadata)."""
+        if self._buffer is not None:
+            return list(self._buffer.batches(max_bytes))
+        return list(batches_by_tenant(self._entries, max_bytes))
 
 
 @attrs.frozen
@@ -551,24 +583,15 @@ class Shipper:
         started = time.monotonic()
         frames, end = await trio.to_thread.run_sync(self._read_round)
         self._read_cursor = end
-        batches: list[AnyBatch]
-        if self.sink.format == "protobuf":
-            # Shaped straight into encoded entries (Shaper.encode_events): no LokiEntry per record.
-            buffer = PushBuffer()
-            for frame in frames:
-                self._shape_frame(frame, buffer)
-                # A checkpoint per frame: connection tasks (in-process) and the push of the previous
-                # round run between frames. (A worker thread would not help: the work is CPU-bound
-                # under one interpreter lock, and every hand-off delays the acks.)
-                await trio.lowlevel.checkpoint()
-            batches = list(buffer.batches(self.settings.batch_bytes))
-        else:
-            entries: list[LokiEntry] = []
-            for frame in frames:
-                entries += self._shape_frame(frame, None)
-                await trio.lowlevel.checkpoint()
-            batches = list(batches_by_tenant(entries, self.settings.batch_bytes))
-        self.stats.frames += len(frames)
+        # Shaped straight into encoded entries (Shaper.encode_events) unless the sink wants JSON.
+        shaper = RoundShaper(self.transformer, encoded=self.sink.format == "protobuf")
+        for frame in frames:
+            self._shape_frame(frame, shaper)
+            # A checkpoint per frame: connection tasks (in-process) and the push of the previous round
+            # run between frames. (A worker thread would not help: the work is CPU-bound under one
+            # interpreter lock, and every hand-off delays the acks.)
+            await trio.lowlevel.checkpoint()
+        batches = shaper.batches(self.settings.batch_bytes)
         return _Round(
             batches=batches,
             end=end,
@@ -608,16 +631,12 @@ class Shipper:
         self.cursor = prepared.end
         await self._on_delivered(prepared.end)
 
-    def _shape_frame(self, frame: StoredFrame, into: PushBuffer | None) -> list[LokiEntry]:
-        """The frame's entries (``into`` None), or nothing after adding them to ``into`` encoded."""
+    def _shape_frame(self, frame: StoredFrame, shaper: RoundShaper) -> None:
         try:
-            if into is None:
-                return self.transformer.entries(frame)
-            self.transformer.encode(frame, into)
+            shaper.add(frame)
         except RemoteProtocolError as exc:
             self.stats.bad_frames += 1
             log.error("stored_frame_undecodable", segment=frame.segment, offset=frame.offset, error=str(exc))
-        return []
 
     def _read_round(self) -> tuple[list[StoredFrame], Position]:
         frames: list[StoredFrame] = []

@@ -27,13 +27,12 @@ from fluentforward.pipeline import (
     ROUND_RECORDS,
     DeadLetters,
     DeliveryStats,
+    RoundShaper,
     Transformer,
-    batches_by_tenant,
     push_and_settle,
 )
 from fluentforward.reader import RecordFilter, entries_of
-from fluentforward.sinks import LokiEntry
-from fluentforward.sinks.loki import AnyBatch, LokiSink, PushBuffer
+from fluentforward.sinks.loki import AnyBatch, LokiSink
 from fluentforward.spool import ScanEnd, StoredFrame, list_segments, read_frames, segment_path
 
 __all__ = [
@@ -213,27 +212,20 @@ async def replay_to_loki(
     # Entries are shaped straight into encoded form (Shaper.encode_events) unless the sink wants JSON.
     encoded = sink is None or sink.format == "protobuf"
     async for group in _frame_groups(directory, record_filter):
-        entries: list[LokiEntry] = []
-        buffer = PushBuffer()
-        count = 0
+        shaper = RoundShaper(transformer, encoded=encoded)
         for frame in group:
             result.frames += 1
             result.bytes_read += frame.size
             try:
-                if encoded:
-                    count += transformer.encode(frame, buffer, record_filter)
-                else:
-                    entries += transformer.entries(frame, record_filter)
+                shaper.add(frame, record_filter)
             except RemoteProtocolError as exc:
                 result.bad_frames += 1
                 log.error(
                     "stored_frame_undecodable", segment=frame.segment, offset=frame.offset, error=str(exc)
                 )
-        result.records += count + len(entries)
-        if sink is not None and (count or entries):
-            batches: list[AnyBatch] = []
-            batches += buffer.batches(batch_bytes) if encoded else batches_by_tenant(entries, batch_bytes)
-            await _push_all(sink, batches, dead, stats, result)
+        result.records += shaper.records
+        if sink is not None and shaper.records:
+            await _push_all(sink, shaper.batches(batch_bytes), dead, stats, result)
         if progress is not None:
             progress.update(result)
     if progress is not None:
