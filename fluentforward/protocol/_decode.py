@@ -27,8 +27,8 @@ import contextlib
 import gc
 import struct
 import zlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import attrs
 import msgpack
@@ -54,6 +54,8 @@ __all__ = [
     "decode_frame",
     "validate_request",
 ]
+
+_T = TypeVar("_T")
 
 # Chunk ids are 24-32 characters (Fluent Bit) or 25 (Fluentd); anything far longer is not a chunk id,
 # and the spool stores the length in 16 bits.
@@ -607,29 +609,13 @@ def inspect_request(raw: bytes, where: int, limits: Limits = DEFAULT_LIMITS) -> 
 
 def _inspect(raw: bytes, where: int, limits: Limits) -> RequestInfo:
     unpacker = msgpack.Unpacker(max_buffer_size=len(raw), **_UNPACK_RAW, **_bounded(limits, len(raw)))
-    unpacker.feed(raw)
-    n = unpacker.read_array_header()
-    if n not in (2, 3):  # Forward and PackedForward only: a Message (3-4) takes the full decode
-        raise _UnsureError
-    tag = unpacker.unpack()
+    _, tag, walked, payload, raw_options = _request_parts(
+        unpacker, raw, limits, lambda count: _walk_entries(unpacker, raw, count, where)
+    )
     if not isinstance(tag, bytes) or len(tag) > limits.max_tag_bytes:
         raise _UnsureError
-    second = raw[unpacker.tell()]
-    if _ARRAY_START[second]:
-        count = unpacker.read_array_header()
-        if count > limits.max_entries_per_frame:
-            raise _UnsureError
-        records = _walk_entries(unpacker, raw, count, where)
-        payload = None
-    elif _BYTES_START[second]:
-        payload = unpacker.unpack()
-        records = 0
-    else:
-        raise _UnsureError
-    raw_options = unpacker.unpack() if n == 3 else None
+    records = walked or 0
     options = _parse_options(raw_options, where)
-    if unpacker.tell() != len(raw):
-        raise _UnsureError
     mode = Mode.FORWARD
     if options.signal is not Signal.LOGS:
         size = _opt(raw_options, "size") if raw_options is not None else None
@@ -646,6 +632,37 @@ def _inspect(raw: bytes, where: int, limits: Limits) -> RequestInfo:
     return RequestInfo(
         tag=_text(tag), mode=mode, signal=options.signal, record_count=records, chunk=options.chunk
     )
+
+
+def _request_parts(
+    unpacker: msgpack.Unpacker, raw: bytes, limits: Limits, walk: Callable[[int], _T]
+) -> tuple[int, Any, _T | None, Any, Any]:
+    """Read a Forward request, its entries read by ``walk(count)``, or a PackedForward request:
+    ``(elements, tag, what walk returned, payload, options)``, None for what it does not have.
+
+    Raises:
+        _UnsureError: anything else (Message mode, a heartbeat), or bytes after the request.
+    """
+    unpacker.feed(raw)
+    n = unpacker.read_array_header()
+    if n not in (2, 3):  # Forward and PackedForward only: a Message (3-4) takes the one-call decode
+        raise _UnsureError
+    tag = unpacker.unpack()
+    second = raw[unpacker.tell()]
+    walked = payload = None
+    if _ARRAY_START[second]:
+        count = unpacker.read_array_header()
+        if count > limits.max_entries_per_frame:
+            raise _UnsureError
+        walked = walk(count)
+    elif _BYTES_START[second]:
+        payload = unpacker.unpack()
+    else:
+        raise _UnsureError
+    options = unpacker.unpack() if n == 3 else None
+    if unpacker.tell() != len(raw):
+        raise _UnsureError
+    return n, tag, walked, payload, options
 
 
 # The entry shapes nearly every client sends, recognised by their first bytes: Fluent Bit v2+
@@ -830,26 +847,14 @@ def _decode_streamed(raw: bytes, mode_hint: str, limits: Limits) -> DecodedFrame
     request = msgpack.Unpacker(
         max_buffer_size=len(raw), **(_UNPACK_RAW if packed else _UNPACK_TEXT), **_bounded(limits, len(raw))
     )
-    request.feed(raw)
-    n = request.read_array_header()
-    if n not in (2, 3):
-        raise _UnsureError
-    tag = request.unpack()
-    if packed:
-        payload = request.unpack()
-        count = None
-    else:
-        count = request.read_array_header()
-        if count > limits.max_entries_per_frame:
-            raise _UnsureError
-        events = _events_streamed(request, raw, count, limits)
-    options = request.unpack() if n == 3 else None
-    if request.tell() != len(raw):
-        raise _UnsureError
-    tag_text, mode, parsed = _head([tag, [] if count is not None else payload, options][:n], 0, limits)
+    n, tag, events, payload, options = _request_parts(
+        request, raw, limits, lambda count: _events_streamed(request, raw, count, limits)
+    )
+    second = payload if payload is not None else []
+    tag_text, mode, parsed = _head([tag, second, options][:n], 0, limits)
     if parsed.signal is not Signal.LOGS:
         return DecodedFrame(tag=tag_text, mode=mode, signal=parsed.signal, events=[], chunk=parsed.chunk)
-    if packed:
+    if payload is not None:
         data = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
         inflated = _inflate(data, parsed.compressed, limits, 0)
         mode = Mode.COMPRESSED if inflated is not data else Mode.PACKED
@@ -858,6 +863,7 @@ def _decode_streamed(raw: bytes, mode_hint: str, limits: Limits) -> DecodedFrame
         )
         stream.feed(inflated)
         events = _events_streamed(stream, inflated, None, limits)
+    assert events is not None  # a Forward request's entries were walked
     return DecodedFrame(tag=tag_text, mode=mode, signal=parsed.signal, events=events, chunk=parsed.chunk)
 
 
