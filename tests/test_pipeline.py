@@ -83,6 +83,12 @@ async def stack(tmp_path, nursery, loki):
         spool.close()
 
 
+def _quick_shipper(spool, sink, **options):
+    """A shipper with the default rules that ships within 10 ms of a commit."""
+    transformer = Transformer(Shaper(rules=build_rules()), DEFAULT_RULES)
+    return Shipper(spool, sink, transformer, ShipperSettings(batch_wait_s=0.01), **options)
+
+
 def k8s_record(i: int, **extra):
     return {"log": f"line {i}\n", "stream": "stdout", "kubernetes": K8S, **extra}
 
@@ -178,12 +184,7 @@ async def test_cursor_persisted_and_restart_resumes(tmp_path, nursery, loki):
     async def run_once(records):
         spool = Spool.open(SpoolSettings(directory=directory))
         sink = LokiSink(LokiSettings(url=loki.url))
-        shipper = Shipper(
-            spool,
-            sink,
-            Transformer(Shaper(rules=build_rules()), DEFAULT_RULES),
-            ShipperSettings(batch_wait_s=0.01),
-        )
+        shipper = _quick_shipper(spool, sink)
         async with trio.open_nursery() as n:
             await n.start(spool.run)
             await n.start(shipper.run)
@@ -276,11 +277,9 @@ async def test_lanes_ship_only_their_own_segments(tmp_path, nursery, loki):
         async def report(cursor: Position, index: int = index) -> None:
             reports[index].append(cursor)
 
-        shipper = Shipper(
+        shipper = _quick_shipper(
             spool,
             sink,
-            Transformer(Shaper(rules=build_rules()), DEFAULT_RULES),
-            ShipperSettings(batch_wait_s=0.01),
             on_delivered=report,
             lane=Lane(index=index, count=2),
         )
@@ -330,11 +329,9 @@ async def test_counters_are_reported_before_the_cursor_is_saved(tmp_path, nurser
     async def delivered(_cursor: Position) -> None:
         pass
 
-    shipper = Shipper(
+    shipper = _quick_shipper(
         spool,
         sink,
-        Transformer(Shaper(rules=build_rules()), DEFAULT_RULES),
-        ShipperSettings(batch_wait_s=0.01),
         on_delivered=delivered,
         on_counted=counted,
     )
@@ -363,11 +360,9 @@ async def test_a_lane_with_nothing_of_its_own_reports_but_does_not_save(tmp_path
     async def report(cursor: Position) -> None:
         reports.append(cursor)
 
-    idle = Shipper(
+    idle = _quick_shipper(
         spool,
         sink,
-        Transformer(Shaper(rules=build_rules()), DEFAULT_RULES),
-        ShipperSettings(batch_wait_s=0.01),
         on_delivered=report,
         lane=Lane(index=0, count=2),
     )
