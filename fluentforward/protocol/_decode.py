@@ -667,6 +667,7 @@ def _request_parts(
 
 # The entry shapes nearly every client sends, recognised by their first bytes: Fluent Bit v2+
 # ``[[EventTime, {}], record]`` and Fluentd/fluent-logger ``[EventTime, record]`` (fixext8 type 0).
+_FIXMAP_LESS = tuple(bytes([b - 1]) if 0x81 <= b <= 0x8F else b"" for b in range(256))
 _METADATA_ENTRY = b"\x92\x92\xd7\x00"
 _EVENT_TIME_ENTRY = b"\x92\xd7\x00"
 _TIME_PAIR = struct.Struct(">II")
@@ -871,61 +872,122 @@ def _events_streamed(
     unpacker: msgpack.Unpacker, data: bytes, count: int | None, limits: Limits
 ) -> list[EventParts]:
     """The events of ``count`` entries (None: up to the end of ``data``), as _events_with_groups
-    gives them, with repeated map values shared (see _decode_streamed)."""
-    read_header = unpacker.read_array_header
-    read_map = unpacker.read_map_header
-    unpack = unpacker.unpack
+    gives them, with repeated map values shared (see _decode_streamed).
+
+    A record whose last value is a map, with that pair the same bytes as in the record before (Fluent
+    Bit appends the ``kubernetes`` map last), is decoded without the pair in one call, and the decoded
+    map is shared. That is sound whenever the call succeeds: msgpack reads left to right, so if the
+    bytes before that tail are exactly the record's other pairs, the tail is exactly its last pair.
+    Every other record is walked key by key (_walk_record).
+    """
     skip = unpacker.skip
     tell = unpacker.tell
     time_pair = _TIME_PAIR.unpack_from
     starts = data.startswith
     is_map = _MAP_START
+    options = {**_UNPACK_TEXT, **_bounded(limits, len(data))}
+    reader = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **options)  # for records without tail
+    read = reader.unpack
+    fed = 0
     end = len(data)
     events: list[EventParts] = []
     append = events.append
     group: dict[Any, Any] | None = None
     last: dict[Any, tuple[bytes, Any]] = {}  # map values of the record before: key -> (bytes, decoded)
+    tail = b""  # the record before's last pair, when its value is a map; else empty
+    tail_key: Any = None
+    tail_value: Any = None
     index = 0
     while index < count if count is not None else tell() < end:
         if index >= limits.max_entries_per_frame:
             raise _UnsureError
+        index += 1
         at = tell()
         if starts(_METADATA_ENTRY, at) and data[at + 12] == 0x80 and is_map[data[at + 13]]:
             seconds, nanos = time_pair(data, at + 4)
+            start = at + 13
         elif starts(_EVENT_TIME_ENTRY, at) and is_map[data[at + 11]]:
             seconds, nanos = time_pair(data, at + 3)
+            start = at + 11
         else:
             seconds = nanos = _NS
-        if nanos < _NS and seconds < GROUP_END_SECONDS:
-            read_header()
-            skip()  # the head, read above
-            record: dict[Any, Any] = {}
-            for _ in range(read_map()):
-                key = unpack()
-                start = tell()
-                if is_map[data[start]]:
-                    skip()
-                    value_bytes = data[start : tell()]
-                    seen = last.get(key)
-                    if seen is not None and seen[0] == value_bytes:
-                        record[key] = seen[1]
-                    else:
-                        value = msgpack.unpackb(
-                            value_bytes, **_UNPACK_TEXT, **_bounded(limits, len(value_bytes))
-                        )
-                        last[key] = (value_bytes, value)
-                        record[key] = value
-                else:
-                    record[key] = unpack()
-            append((seconds * _NS + nanos, record, {}, group))
-        else:
-            time_ns, metadata, record = _split_entry(unpack(), 0, index)
+        if nanos >= _NS or seconds >= GROUP_END_SECONDS:
+            time_ns, metadata, record = _split_entry(unpacker.unpack(), 0, index - 1)
             if time_ns < 0:
                 group = record if time_ns == GROUP_START else None
             else:
                 append((time_ns, record, metadata or {}, group))
-        index += 1
+            continue
+        if tail:
+            skip()  # the whole entry: the record is its last element
+            stop = tell()
+            cut = stop - len(tail)
+            head = data[start]
+            if cut > start and 0x81 <= head <= 0x8F and starts(tail, cut):
+                # The record less its tail: the same pairs under a map header one smaller.
+                reader.feed(_FIXMAP_LESS[head] + data[start + 1 : cut])
+                fed += cut - start
+                try:
+                    less: dict[Any, Any] | None = read()
+                except Exception:  # the walk below decides
+                    less = None
+                if less is not None and reader.tell() == fed:
+                    less[tail_key] = tail_value
+                    append((seconds * _NS + nanos, less, {}, group))
+                    continue
+                reader = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **options)  # drop the rest
+                read = reader.unpack
+                fed = 0
+            part = data[start:stop]
+            walker = msgpack.Unpacker(max_buffer_size=len(part), **options)
+            walker.feed(part)
+            record, tail_at, tail_key, tail_value = _walk_record(walker, part, last, limits)
+            tail = part[tail_at:] if tail_at >= 0 else b""
+        else:
+            unpacker.read_array_header()
+            skip()  # the head, read above
+            record, tail_at, tail_key, tail_value = _walk_record(unpacker, data, last, limits)
+            tail = data[tail_at : tell()] if tail_at >= 0 else b""
+        append((seconds * _NS + nanos, record, {}, group))
     return events
+
+
+def _walk_record(
+    unpacker: msgpack.Unpacker, data: bytes, last: dict[Any, tuple[bytes, Any]], limits: Limits
+) -> tuple[dict[Any, Any], int, Any, Any]:
+    """Decode the record map at the unpacker's position (in ``data``) key by key.
+
+    A map value equal, as bytes, to the same key's in ``last`` (the record before's) is shared, and
+    ``last`` is updated. Returns the record and, when its last value is a map, the offset of its last
+    pair in ``data`` with that pair's key and value (else -1, None, None).
+    """
+    unpack = unpacker.unpack
+    tell = unpacker.tell
+    is_map = _MAP_START
+    record: dict[Any, Any] = {}
+    pair_at = -1
+    key: Any = None
+    value: Any = None
+    for _ in range(unpacker.read_map_header()):
+        pair_at = tell()
+        key = unpack()
+        start = tell()
+        if is_map[data[start]]:
+            unpacker.skip()
+            value_bytes = data[start : tell()]
+            seen = last.get(key)
+            if seen is not None and seen[0] == value_bytes:
+                value = seen[1]
+            else:
+                value = msgpack.unpackb(value_bytes, **_UNPACK_TEXT, **_bounded(limits, len(value_bytes)))
+                last[key] = (value_bytes, value)
+        else:
+            pair_at = -1
+            value = unpack()
+        record[key] = value
+    if pair_at < 0:
+        return record, -1, None, None
+    return record, pair_at, key, value
 
 
 def _forward_entry_count(raw: bytes) -> int | None:

@@ -601,6 +601,56 @@ def test_streamed_decode_shares_repeated_map_values_only():
     assert decode_frame(raw) == _both(raw)[1]
 
 
+def _tail(key: str, value: dict[str, Any]) -> bytes:
+    return msgpack.packb(key) + msgpack.packb(value)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        # The record's last bytes are the record before's tail, {"k": {"x": 1}}, but its pairs are
+        # "p" (a bin ending in the tail's first bytes) and "x": 1. The bytes before the tail are not
+        # whole pairs: reading them runs out of data.
+        {"p": b"zz" + _tail("k", {})[:-1] + b"\x81", "x": 1},
+        # The tail's bytes at the end of a bin value: the bytes before them hold the header's count
+        # less one of pairs, with bytes to spare.
+        {"a": 1, "b": b"zz" + _tail("k", {"x": 1})},
+        # The last value is not a map.
+        {"k": {"x": 1}, "a": 1, "k2": 3},
+    ],
+    ids=["runs-out", "bytes-to-spare", "no-tail"],
+)
+def test_streamed_decode_vouches_for_a_repeated_tail_only_when_it_is_the_last_pair(second):
+    raw = forward("t", [[[et(1, 0), {}], {"a": 1, "k": {"x": 1}}], [[et(2, 0), {}], second]])
+    streamed = _decode_streamed(raw, Mode.FORWARD, STORED_LIMITS)  # answers: it must not give up
+    assert streamed == _decode_whole(raw, Mode.FORWARD, STORED_LIMITS)
+    assert streamed.events[1][1] == second
+
+
+def test_streamed_decode_keeps_a_duplicate_tail_key_last_wins():
+    """{"k": {"z": 0}, "a": 2, "k": {"x": 1}}: a map of three pairs with "k" twice, ending in the
+    record before's tail. The last "k" wins, in the first "k"'s place, as in the one-call decode."""
+    entry_head = b"\x92\x92" + msgpack.packb(et(1, 0)) + b"\x80"
+    first = msgpack.packb({"a": 1, "k": {"x": 1}})
+    second = b"\x83" + _tail("k", {"z": 0}) + msgpack.packb("a") + b"\x02" + _tail("k", {"x": 1})
+    raw = b"\x92" + msgpack.packb("t") + b"\x92" + entry_head + first + entry_head + second
+    streamed = _decode_streamed(raw, Mode.FORWARD, STORED_LIMITS)
+    assert repr(streamed) == repr(_decode_whole(raw, Mode.FORWARD, STORED_LIMITS))
+    assert list(streamed.events[1][1].items()) == [("k", {"x": 1}), ("a", 2)]
+    assert streamed.events[1][1]["k"] is streamed.events[0][1]["k"]
+
+
+def test_streamed_decode_shares_a_repeated_last_map_and_decodes_the_rest():
+    pod = {"pod_name": "a", "labels": {"app": "x"}}
+    raw = forward(
+        "t", [[[et(1, i), {}], {"log": f"l{i}", "n": {"i": i}, "kubernetes": pod}] for i in range(5)]
+    )
+    events = _decode_streamed(raw, Mode.FORWARD, STORED_LIMITS).events
+    assert [e[1] for e in events] == [{"log": f"l{i}", "n": {"i": i}, "kubernetes": pod} for i in range(5)]
+    assert all(e[1]["kubernetes"] is events[0][1]["kubernetes"] for e in events)
+    assert [list(e[1]) for e in events] == [["log", "n", "kubernetes"]] * 5
+
+
 shared_maps = st.sampled_from([{}, {"a": 1}, {"a": 1, "b": [1, 2]}, {"k": {"x": "y"}}, {"a": "1"}])
 
 
