@@ -819,6 +819,11 @@ class _MemoPlan:
     """How a rule set is memoized: the inputs that key it and the trace-id entries added per record."""
 
     key: Callable[[dict[Any, Any], dict[Any, Any], Any, str], tuple[Any, ...]]
+    # The record fields the key reads, when they are one or two (else None; a plan reading one names
+    # _UNSET as the second, never a key). A record whose values there and group are the very objects
+    # of the record before's, and whose metadata equals it (usually both empty), has the same key:
+    # the tag is one per call.
+    only_fields: tuple[Any, Any] | None
     # (metadata name, root) of the leading structured metadata entries that are just $trace_id/$span_id.
     trace_slots: tuple[tuple[str, int], ...]
     # The most bytes the trace slots can add (names plus normalized ids).
@@ -863,8 +868,10 @@ def _memo_plan(
     source += f"    return ({', '.join(inputs)}{',' if inputs else ''})\n"
     namespace: dict[str, Any] = {}
     exec(compile(source, "<fluentforward.records memo key>", "exec"), namespace)  # noqa: S102 - reprs only
+    fields = [*record_keys, _UNSET]
     return _MemoPlan(
         key=namespace["key"],
+        only_fields=(fields[0], fields[1]) if 1 <= len(record_keys) <= 2 else None,
         trace_slots=tuple(slots),
         trace_bytes=sum(len(name.encode()) + _ID_LENGTHS[root] for name, root in slots),
         fields=_compile(labels, tuple(rest), None if tenant is None else tenant._alternatives, _memo_text),
@@ -1226,6 +1233,12 @@ class Shaper:
         rules = self.rules
         memo = self._memo
         memo_key = plan.key
+        only_fields = plan.only_fields
+        field_a, field_b = only_fields or (None, None)
+        last_value: Any = _UNSET
+        last_other: Any = _UNSET
+        last_group: Any = _UNSET
+        last_metadata: Any = _UNSET
         shape_fully = self._shape_fully
         line_bytes = self._line_bytes
         auto = rules.line_format is LineFormat.AUTO
@@ -1256,8 +1269,25 @@ class Shaper:
             trace = find_trace(record, metadata)
             if sources is not None:
                 sources[trace.source if trace is not None else "none"] += 1
-            key = memo_key(record, metadata, group, tag)
-            if key != last_key:
+            # The memo key, unless the one field it reads is the record before's object (records of
+            # one container share their decoded `kubernetes` map: protocol.decode_frame).
+            if only_fields is None:
+                same = False
+            else:
+                value = record.get(field_a)
+                other = record.get(field_b)
+                same = (
+                    value is last_value
+                    and other is last_other
+                    and group is last_group
+                    and metadata == last_metadata
+                    and last_key is not _UNSET
+                )
+                last_value = value
+                last_other = other
+                last_group = group
+                last_metadata = metadata
+            if not same and (key := memo_key(record, metadata, group, tag)) != last_key:
                 if key != memo.key and not self._remember(plan, key, record, metadata, group, tag):
                     last_key = _UNSET
                     into.add(shape_fully(time_ns, record, _roots(tag, record, metadata, group, trace)))

@@ -45,6 +45,9 @@ RULE_SETS: dict[str, ShapeRules] = {
     "no_trace": build_rules(structured_metadata={"trace_id": "", "span_id": "", "blob": "$blob"}),
     # Memoized metadata near the limit: whether the trace ids still fit depends on the pod.
     "near_limit": build_rules(structured_metadata={"note": "$kubernetes['annotations']['note']"}),
+    # Labels from the group's resource and the kubernetes map, both: a record sharing the record
+    # before's map may still belong to another stream.
+    "resource": build_rules(labels={"svc": "$resource['service.name']|none"}),
     # A template that reads the trace id inside metadata: no memo plan at all.
     "unmemoized": build_rules(structured_metadata={"both": "$trace_id/$span_id"}),
 }
@@ -97,6 +100,8 @@ def records(draw: st.DrawFn) -> dict[Any, Any]:
         )
     if draw(st.integers(0, 15)) == 0:
         record["kubernetes"] = {**record["kubernetes"], "host": 7}  # not plain: no memo
+    if draw(st.integers(0, 5)) == 0:  # decoded raw: the map under the key's bytes
+        record[b"kubernetes"] = record.pop("kubernetes")
     return record
 
 
@@ -105,7 +110,27 @@ times = st.one_of(
     st.integers(-3 * NS, 3 * NS),
     st.integers(0, 2**64),
 )
-events = st.lists(st.tuples(times, records(), traces), max_size=30)
+metadatas = st.sampled_from([{}, {"otlp": {"severity_text": "INFO"}}, {"otlp": {"severity_text": "WARN"}}])
+GROUPS = [None, {"resource": {"attributes": {"service.name": "a"}}}, {"resource": {"attributes": {}}}]
+
+
+@st.composite
+def event_lists(draw: st.DrawFn) -> list[tuple[int, dict[Any, Any], Any, dict[Any, Any], Any]]:
+    """Events as the decoder gives them: a record often shares the record before's `kubernetes`
+    object; metadata and group vary (a shared map must not hide a change of the other inputs)."""
+    out: list[tuple[int, dict[Any, Any], Any, dict[Any, Any], Any]] = []
+    group = None
+    for _ in range(draw(st.integers(0, 30))):
+        record = draw(records())
+        if out and "kubernetes" in out[-1][1] and draw(st.booleans()):
+            record["kubernetes"] = out[-1][1]["kubernetes"]
+        if draw(st.integers(0, 4)) == 0:
+            group = GROUPS[draw(st.integers(0, len(GROUPS) - 1))]
+        out.append((draw(times), record, draw(traces), dict(draw(metadatas)), group))
+    return out
+
+
+events = event_lists()
 frames = st.lists(st.tuples(st.sampled_from(["kube.a", "kube.b"]), events), min_size=1, max_size=4)
 
 
@@ -114,9 +139,9 @@ def reference(rules: ShapeRules, frames: list[Any], max_bytes: int) -> tuple[lis
     sources: Counter = collections.Counter()
     entries = []
     for tag, items in frames:
-        for time_ns, record, trace in items:
+        for time_ns, record, trace, metadata, group in items:
             sources[trace.source if trace is not None else "none"] += 1
-            entries.append(shaper.shape_event(tag, time_ns, record, {}, None, trace))
+            entries.append(shaper.shape_event(tag, time_ns, record, metadata, group, trace))
     batches = batches_by_tenant(entries, max_bytes)
     bodies = [bytes(cramjam.snappy.decompress_raw(encode_push_protobuf(b.entries).body)) for b in batches]
     return batches, bodies, sources
@@ -130,10 +155,10 @@ def fast(rules: ShapeRules, frames: list[Any], max_bytes: int) -> tuple[list[Any
     sources: Counter = collections.Counter()
     buffer = PushBuffer()
     for tag, items in frames:
-        found = {id(record): trace for _, record, trace in items}
+        found = {id(record): trace for _, record, trace, _, _ in items}
         shaper.encode_events(
             tag,
-            [(time_ns, record, {}, None) for time_ns, record, _ in items],
+            [(time_ns, record, metadata, group) for time_ns, record, _, metadata, group in items],
             lambda record, _metadata, found=found: found[id(record)],
             buffer,
             sources,
