@@ -289,7 +289,9 @@ def server_command(
     if spool_max_bytes is not None:
         cmd += ["--spool-max-bytes", str(spool_max_bytes)]
     if loki_url is not None:
-        cmd += ["--loki-url", loki_url]
+        # One delivery lane (the default, auto, follows the CPUs): a scenario that wants more passes its
+        # own --delivery-processes in `extra`, which comes later and wins.
+        cmd += ["--loki-url", loki_url, "--delivery-processes", "1"]
     if workers != 1:
         cmd += ["--workers", str(workers)]
     cmd += list(extra)

@@ -26,6 +26,7 @@ from fluentforward import __version__
 from fluentforward._logging import LOG_LEVELS, configure_logging
 from fluentforward._units import parse_duration, parse_size, parse_time_ns
 from fluentforward.config import (
+    AUTO_MAX_DELIVERY_PROCESSES,
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HTTP_LISTEN,
@@ -35,9 +36,11 @@ from fluentforward.config import (
     DEFAULT_MAX_RECEIVING,
     DEFAULT_SHUTDOWN_GRACE,
     MAX_DELIVERY_PROCESSES,
+    DeliveryProcessCount,
     DeliveryProcessSettings,
     DeliverySettings,
     ServerConfig,
+    parse_delivery_processes,
     parse_listen,
     parse_networks,
     parse_users,
@@ -381,13 +384,13 @@ def serve(
         bool, typer.Option(envvar=_env("delivery-process"), help="Ship to Loki from a child process.")
     ] = True,
     delivery_processes: Annotated[
-        int,
+        str,
         typer.Option(
             envvar=_env("delivery-processes"),
-            help=f"Child processes sharing the spool's delivery (1-{MAX_DELIVERY_PROCESSES}), "
-            "for cores the receiver leaves free.",
+            help="Child processes sharing the spool's delivery: auto (one per usable CPU, cgroup quota "
+            f"included, at most {AUTO_MAX_DELIVERY_PROCESSES}) or 1-{MAX_DELIVERY_PROCESSES}.",
         ),
-    ] = 1,
+    ] = "auto",
     worker_index: Annotated[
         int | None, typer.Option(envvar=_env("worker-index"), hidden=True, help="Set by the parent process.")
     ] = None,
@@ -459,10 +462,7 @@ def serve(
         )
         if workers < 1:
             raise ConfigError(f"--workers: must be at least 1, got {workers}")
-        if not 1 <= delivery_processes <= MAX_DELIVERY_PROCESSES:
-            raise ConfigError(
-                f"--delivery-processes: must be 1 to {MAX_DELIVERY_PROCESSES}, got {delivery_processes}"
-            )
+        lanes = parse_delivery_processes(delivery_processes, workers=workers)
         if workers > 1 and config.listen.unix_path is not None:
             raise ConfigError("--workers needs a TCP --listen address (SO_REUSEPORT)")
         if tls_cert is None and (tls_key is not None or tls_client_ca is not None):
@@ -475,16 +475,18 @@ def serve(
                 log_level=log_level.lower(),
                 log_json=log_json,
                 worker=worker_index,
-                processes=delivery_processes,
+                processes=lanes.processes,
             )
             delivery = attrs.evolve(delivery, process=process)
         if checking:
-            _print_effective(ctx)
+            _print_effective(ctx, lanes)
             return
         if workers > 1 and worker_index is None:
             from fluentforward.workers import run_parent  # noqa: PLC0415
 
             raise typer.Exit(run_parent(config, workers))
+        if delivery.process is not None:  # each --workers worker resolves and logs its own
+            log.info("delivery_lanes", **lanes.log_fields())
         spool = Spool.open(config.spool)
     except FluentForwardError as exc:
         fail(str(exc))
@@ -521,14 +523,21 @@ def _toml_value(value: Any) -> str:
     return orjson.dumps(str(value)).decode()  # a JSON string is a valid TOML basic string
 
 
-def _print_effective(ctx: typer.Context) -> None:
-    """Print every serve setting as TOML (usable as a --config file), secrets redacted."""
+def _print_effective(ctx: typer.Context, lanes: DeliveryProcessCount) -> None:
+    """Print every serve setting as TOML (usable as a --config file), secrets redacted.
+
+    ``delivery_processes`` is shown resolved (``auto`` as the number it stands for on this machine).
+    """
     lines = [f"# fluentforward {__version__}: effective settings of `serve`"]
     for name, value in sorted(ctx.params.items()):
         if name in ("worker_index", "config_file") or value is None:
             continue
         shown = value
-        if name in SECRET_OPTIONS:
+        if name == "delivery_processes":
+            shown = lanes.processes
+            if lanes.auto is not None:
+                lines.append(f"# delivery_processes: {lanes.auto.describe()}")
+        elif name in SECRET_OPTIONS:
             shown = "<redacted>"
         elif name == "user":
             shown = [item.split(":", 1)[0] + ":<redacted>" for item in value]

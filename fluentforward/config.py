@@ -7,13 +7,15 @@ one directly. Parsing helpers raise ``ConfigError`` with a message fit for a one
 from __future__ import annotations
 
 import ipaddress
+import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from fluentforward._cpus import AUTO_MAX_DELIVERY_PROCESSES, AutoDeliveryProcesses, auto_delivery_processes
 from fluentforward.errors import ConfigError
 from fluentforward.protocol import SharedKeyAuth
 from fluentforward.protocol._limits import DEFAULT_LIMITS, Limits
@@ -26,6 +28,7 @@ if TYPE_CHECKING:  # delivery types stay out of the import path of `spool` and `
     from fluentforward.sinks.loki import LokiSettings
 
 __all__ = [
+    "AUTO_MAX_DELIVERY_PROCESSES",
     "DEFAULT_FRAME_TIMEOUT",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_HTTP_LISTEN",
@@ -36,10 +39,12 @@ __all__ = [
     "DEFAULT_SHUTDOWN_GRACE",
     "MAX_DELIVERY_PROCESSES",
     "TLS_VERSIONS",
+    "DeliveryProcessCount",
     "DeliveryProcessSettings",
     "DeliverySettings",
     "ListenAddress",
     "ServerConfig",
+    "parse_delivery_processes",
     "parse_listen",
     "parse_networks",
     "parse_users",
@@ -65,6 +70,7 @@ DEFAULT_FRAME_TIMEOUT = 60.0
 DEFAULT_UNIX_SOCKET_MODE = 0o660
 # Delivery children sharing one spool (--delivery-processes): each needs a core to be worth having,
 # and a lane's segments are its share of the work, so more lanes than cores only add processes.
+# `auto` (the default) runs one per usable CPU, at most AUTO_MAX_DELIVERY_PROCESSES (fluentforward._cpus).
 MAX_DELIVERY_PROCESSES = 16
 # Connections that may be receiving a request, or waiting for it to be spooled, at once. Others wait,
 # their bytes in the kernel (TCP backpressure), so request memory is bounded by this times the request
@@ -225,6 +231,66 @@ def server_tls_context(
 
 
 @attrs.frozen(kw_only=True)
+class DeliveryProcessCount:
+    """A resolved ``--delivery-processes``: the number, and for ``auto`` how it was found."""
+
+    processes: int
+    auto: AutoDeliveryProcesses | None = None
+
+    def log_fields(self) -> dict[str, object]:
+        """Key-values for the start log: ``delivery_processes=2 source=auto cpus=2.0 ...``."""
+        fields: dict[str, object] = {
+            "delivery_processes": self.processes,
+            "source": "option" if self.auto is None else "auto",
+        }
+        if self.auto is not None:
+            fields.update(self.auto.log_fields())
+        return fields
+
+
+_NUMBER = re.compile(r"[+-]?[0-9]{1,30}")
+
+
+def parse_delivery_processes(
+    value: int | str, *, workers: int = 1, auto: Callable[..., AutoDeliveryProcesses] | None = None
+) -> DeliveryProcessCount:
+    """``--delivery-processes``: ``auto`` (one lane per usable CPU, see ``fluentforward._cpus``) or 1-16.
+
+    Args:
+        value: the option's value (a number from a TOML file arrives as int).
+        workers: ``--workers``: with ``auto``, each worker's lanes plan for its share of the CPUs.
+        auto: resolves ``auto``, called with ``workers=`` (default
+            ``fluentforward._cpus.auto_delivery_processes``).
+
+    Raises:
+        ConfigError: neither ``auto`` nor a whole number, or a number out of range.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "auto":
+            resolved = (auto or auto_delivery_processes)(workers=workers)
+            return DeliveryProcessCount(processes=resolved.processes, auto=resolved)
+        if _NUMBER.fullmatch(text) is None:
+            raise ConfigError(
+                f"--delivery-processes: expected auto or a number from 1 to {MAX_DELIVERY_PROCESSES}, "
+                f"got {value!r}"
+            )
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"--delivery-processes: expected auto or a number from 1 to {MAX_DELIVERY_PROCESSES}, "
+            f"got {value!r}"
+        )
+    if not 1 <= value <= MAX_DELIVERY_PROCESSES:
+        raise ConfigError(f"--delivery-processes: must be 1 to {MAX_DELIVERY_PROCESSES}, got {value}")
+    return DeliveryProcessCount(processes=value)
+
+
+def _delivery_process_count(value: int | str) -> int:
+    return parse_delivery_processes(value).processes
+
+
+@attrs.frozen(kw_only=True)
 class DeliveryProcessSettings:
     """What a delivery child process (``--delivery-process``) needs to rebuild the delivery settings.
 
@@ -238,19 +304,15 @@ class DeliveryProcessSettings:
         log_json: ...in this format (None: JSON unless stderr is a terminal), like its parent.
         worker: the ``--workers`` index of the parent, bound to the child's log lines; None otherwise.
         processes: how many children share the spool's delivery, each a lane of its segments
-            (``--delivery-processes``; see ``fluentforward.delivery``).
+            (``--delivery-processes``; see ``fluentforward.delivery``). ``"auto"`` (or a number as
+            text) is resolved here, by ``parse_delivery_processes``, so the value is always an int.
     """
 
     options: Mapping[str, Any] = attrs.field(repr=False)
     log_level: str = "info"
     log_json: bool | None = None
     worker: int | None = None
-    processes: int = attrs.field(default=1)
-
-    @processes.validator
-    def _processes_in_range(self, _attribute: attrs.Attribute[int], value: int) -> None:
-        if not 1 <= value <= MAX_DELIVERY_PROCESSES:
-            raise ConfigError(f"--delivery-processes: must be 1 to {MAX_DELIVERY_PROCESSES}, got {value}")
+    processes: int = attrs.field(default=1, converter=_delivery_process_count)
 
 
 @attrs.frozen(kw_only=True)

@@ -19,6 +19,11 @@ settings.register_profile("ci", settings(deadline=None, suppress_health_check=_R
 settings.register_profile("dev", settings(deadline=None, suppress_health_check=_RELAXED, max_examples=100))
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# `--delivery-processes` defaults to `auto` (a delivery child per usable CPU, up to 4). The suite starts
+# many servers with --loki-url, in process and as subprocesses that inherit this environment: pin one
+# lane unless a test says otherwise (a flag, or an env of its own, wins over this).
+os.environ["FLUENTFORWARD_DELIVERY_PROCESSES"] = "1"
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
 

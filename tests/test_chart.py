@@ -18,6 +18,7 @@ import pytest
 import typer.main
 
 from fluentforward.cli import app
+from fluentforward.config import parse_delivery_processes
 from tests.conftest import REPO
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is a test dependency (pyproject [test])")
@@ -396,6 +397,31 @@ def test_existing_secrets_are_referenced_by_key():
         {"secret": {"name": "mine", "items": [{"key": "k", "path": "shared-key"}]}}
     ]
     assert env(docs)["FLUENTFORWARD_SELF_HOSTNAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+@pytest.mark.parametrize(
+    ("lanes", "rendered_as"),
+    [(None, "auto"), ("auto", "auto"), (1, "1"), (2, "2"), (16, "16"), (2.0, "2")],
+)
+def test_delivery_processes_render_auto_or_a_number(lanes, rendered_as):
+    """loki.deliveryProcesses is auto by default; a number renders as a plain integer."""
+    loki: dict[str, Any] = {"url": "http://loki:3100"}
+    if lanes is not None:
+        loki["deliveryProcesses"] = lanes
+    variables = env(manifests(render({"loki": loki})))
+    assert variables["FLUENTFORWARD_DELIVERY_PROCESSES"]["value"] == rendered_as
+
+
+def test_delivery_processes_value_is_accepted_by_the_server():
+    """What the chart renders by default is a value `serve` accepts (auto resolves to 1..4)."""
+    value = env(manifests(render({"loki": {"url": "http://loki:3100"}})))["FLUENTFORWARD_DELIVERY_PROCESSES"]
+    assert 1 <= parse_delivery_processes(value["value"]).processes <= 4
+
+
+@pytest.mark.parametrize("lanes", [0, 17, "lots", "auto2", "2", True])
+def test_schema_rejects_bad_delivery_processes(lanes):
+    with pytest.raises(helm.HelmValuesError, match=re.escape("/loki/deliveryProcesses")):
+        render({"loki": {"url": "http://loki:3100", "deliveryProcesses": lanes}})
 
 
 def test_list_options_go_to_the_config_file():

@@ -8,9 +8,13 @@ import socket
 import pytest
 from typer.testing import CliRunner
 
+import fluentforward.config
+from fluentforward._cpus import AutoDeliveryProcesses, CpuBudget, auto_delivery_processes
 from fluentforward.cli import app
 from fluentforward.spool import segment_path
+from tests.fakeloki import FakeLoki
 from tests.helpers import capture, et, fill_spool, forward, message, pack
+from tests.procs import ServerProcess, cli
 
 runner = CliRunner()
 
@@ -175,10 +179,84 @@ def test_capture_data_is_loadable():
     assert pack(1)
 
 
-def test_delivery_processes_out_of_range_exits_2(tmp_path):
-    result = runner.invoke(
-        app,
-        ["serve", "--spool-dir", str(tmp_path / "s"), "--delivery-processes", "0", "--loki-url", "http://x"],
-    )
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "--delivery-processes: must be 1 to 16, got 0"),
+        ("17", "--delivery-processes: must be 1 to 16, got 17"),
+        ("abc", "--delivery-processes: expected auto or a number from 1 to 16, got 'abc'"),
+        ("auto2", "--delivery-processes: expected auto or a number from 1 to 16, got 'auto2'"),
+    ],
+)
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_delivery_processes_out_of_range_exits_2(tmp_path, value, message, where):
+    """A bad --delivery-processes (or FLUENTFORWARD_DELIVERY_PROCESSES) is one line and exit 2."""
+    args = ["serve", "--spool-dir", str(tmp_path / "s"), "--loki-url", "http://x"]
+    if where == "flag":
+        result = runner.invoke(app, [*args, "--delivery-processes", value])
+    else:
+        result = runner.invoke(app, args, env={"FLUENTFORWARD_DELIVERY_PROCESSES": value})
     assert result.exit_code == 2
-    assert "--delivery-processes: must be 1 to 16, got 0" in result.output
+    assert result.stderr.strip() == f"fluentforward: {message}"
+
+
+def _effective(*args, env=None):
+    result = runner.invoke(app, ["check-config", "--loki-url", "http://x", *args], env=env)
+    assert result.exit_code == 0, result.output
+    return result.stdout.splitlines()
+
+
+def test_check_config_shows_auto_resolved(monkeypatch):
+    """The default is auto; check-config prints the number it resolved to, and why, as a comment."""
+    fake = AutoDeliveryProcesses(
+        processes=3, budget=CpuBudget(cpus=3.5, affinity=8, quota=3.5, quota_source="cgroup-v2"), capped=False
+    )
+    monkeypatch.setattr(fluentforward.config, "auto_delivery_processes", lambda **_: fake)
+    lines = _effective(env={"FLUENTFORWARD_DELIVERY_PROCESSES": None})  # the default
+    at = lines.index("delivery_processes = 3")
+    assert lines[at - 1] == "# delivery_processes: auto: 3.5 CPUs usable (affinity 8, cgroup-v2 quota 3.5)"
+    assert "delivery_processes = 3" in _effective("--delivery-processes", "auto")
+    numbered = _effective("--delivery-processes", "2")
+    assert "delivery_processes = 2" in numbered
+    assert not any(line.startswith("# delivery_processes") for line in numbered)
+
+
+def test_check_config_resolves_auto_on_this_machine():
+    """End to end, a subprocess: `check-config` with the default prints what detection finds here."""
+    expected = auto_delivery_processes().processes
+    result = cli("check-config", "--loki-url", "http://x", env={"FLUENTFORWARD_DELIVERY_PROCESSES": None})
+    assert result.returncode == 0, result.stderr
+    assert f"delivery_processes = {expected}" in result.stdout.splitlines()
+    assert "# delivery_processes: auto: " in result.stdout
+
+
+@pytest.mark.slow
+def test_serve_starts_auto_lanes_and_logs_why(tmp_path):
+    """`serve` with auto logs the resolved number and its reason once and starts that many children."""
+    expected = auto_delivery_processes()
+    with (
+        FakeLoki() as loki,
+        ServerProcess(
+            tmp_path / "spool", "--loki-url", loki.url, env={"FLUENTFORWARD_DELIVERY_PROCESSES": "auto"}
+        ) as server,
+    ):
+        events = server.events()
+        assert server.stop() == 0
+    [resolved] = [e for e in events if e["event"] == "delivery_lanes"]
+    assert resolved["delivery_processes"] == expected.processes
+    assert resolved["source"] == "auto"
+    assert resolved["cpus"] == expected.budget.cpus
+    assert resolved["quota"] == expected.budget.quota_source
+    started = [e.get("lane", 0) for e in events if e["event"] == "delivery_process_started"]
+    assert sorted(started) == list(range(expected.processes))
+
+
+@pytest.mark.slow
+def test_serve_pins_one_lane_in_tests(tmp_path):
+    """The test helpers pin one lane; the log says it came from the option."""
+    with FakeLoki() as loki, ServerProcess(tmp_path / "spool", "--loki-url", loki.url) as server:
+        events = server.events()
+        assert server.stop() == 0
+    [resolved] = [e for e in events if e["event"] == "delivery_lanes"]
+    assert resolved == {**resolved, "delivery_processes": 1, "source": "option"}
+    assert len([e for e in events if e["event"] == "delivery_process_started"]) == 1

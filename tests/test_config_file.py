@@ -15,6 +15,7 @@ import msgpack
 import pytest
 from typer.testing import CliRunner
 
+from fluentforward._cpus import auto_delivery_processes
 from fluentforward.cli import app, config_default_map
 from tests.helpers import forward
 from tests.procs import REPO, cli
@@ -87,17 +88,42 @@ def test_secrets_are_redacted(tmp_path):
         ('listen = "nope"\n', "--listen: expected HOST:PORT"),
         ('loki_url = "ftp://x"\n', "loki"),
         ('label = ["trace=$trace_id"]\n', "trace"),
+        ("delivery_processes = 0\n", "--delivery-processes: must be 1 to 16, got 0"),
+        ('delivery_processes = "auto2"\n', "--delivery-processes: expected auto or a number from 1 to 16"),
+        ("delivery_processes = 2.5\n", "--delivery-processes: expected auto or a number from 1 to 16"),
     ],
 )
 def test_bad_config_exits_2(tmp_path, content, message):
-    """A bad file or value is one line on stderr and exit code 2."""
+    """A bad file or value is one line on stderr and exit code 2 (the suite's lane pin removed, so
+    the file's delivery_processes counts)."""
     path = tmp_path / "bad.toml"
     path.write_text(content)
-    result = cli("check-config", "--config", str(path))
+    result = cli("check-config", "--config", str(path), env={"FLUENTFORWARD_DELIVERY_PROCESSES": None})
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "shown"), [("delivery_processes = 2\n", "2"), ('delivery_processes = "3"\n', "3")]
+)
+def test_delivery_processes_from_the_file(tmp_path, content, shown):
+    """The file's delivery_processes, a number or its text, is used (the suite's pin removed)."""
+    path = tmp_path / "ff.toml"
+    path.write_text(content)
+    result = check(["--config", str(path)], env={"FLUENTFORWARD_DELIVERY_PROCESSES": None})
+    assert result.exit_code == 0, result.output
+    assert settings(result.stdout)["delivery_processes"] == shown
+
+
+def test_delivery_processes_auto_from_the_file(tmp_path):
+    """delivery_processes = "auto" shows as the number it resolves to here."""
+    path = tmp_path / "ff.toml"
+    path.write_text('delivery_processes = "auto"\n')
+    result = check(["--config", str(path)], env={"FLUENTFORWARD_DELIVERY_PROCESSES": None})
+    assert result.exit_code == 0, result.output
+    assert settings(result.stdout)["delivery_processes"] == str(auto_delivery_processes().processes)
 
 
 def test_missing_config_file_exits_2(tmp_path):

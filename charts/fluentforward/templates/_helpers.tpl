@@ -282,7 +282,8 @@ loki_header, allow); config.extra adds anything else.
 {{- include "fluentforward.env" (list "LOKI_BATCH_WAIT" $v.loki.batchWait) }}
 {{- include "fluentforward.env" (list "LOKI_CONCURRENCY" (int64 $v.loki.concurrency)) }}
 {{- include "fluentforward.env" (list "DELIVERY_PROCESS" $v.loki.deliveryProcess) }}
-{{- include "fluentforward.env" (list "DELIVERY_PROCESSES" (int64 $v.loki.deliveryProcesses)) }}
+{{- $lanes := $v.loki.deliveryProcesses }}
+{{- include "fluentforward.env" (list "DELIVERY_PROCESSES" (ternary $lanes (int64 $lanes) (kindIs "string" $lanes))) }}
 {{- end }}
 {{- include "fluentforward.env" (list "CLUSTER" $v.shaping.cluster) }}
 {{- include "fluentforward.env" (list "LINE_FORMAT" $v.shaping.lineFormat) }}
