@@ -132,13 +132,26 @@ async def _shipper(spool: Spool, delivery: DeliverySettings | None) -> AsyncIter
         )
 
 
-def tune_allocator() -> bool:
-    """Make glibc return freed request buffers to the OS instead of keeping them in the heap.
+# glibc's allocator in the server process (tune_allocator): buffers above 128 KiB are mapped and
+# returned to the OS when freed, free heap past 128 KiB is trimmed, two arenas.
+SERVER_MMAP_THRESHOLD = 128 * 1024
+SERVER_TRIM_THRESHOLD = 128 * 1024
+SERVER_ARENA_MAX = 2
 
-    By default glibc raises its mmap threshold after a large buffer is freed, so later 2 MB request
-    buffers come from the heap, and a burst of them leaves hundreds of MB resident afterwards. Fixed
-    thresholds (and two arenas: our threads only write to disk) keep RSS near the live data. A no-op
-    where the C library is not glibc.
+
+def tune_allocator(
+    *,
+    mmap_threshold: int = SERVER_MMAP_THRESHOLD,
+    trim_threshold: int = SERVER_TRIM_THRESHOLD,
+    arena_max: int = SERVER_ARENA_MAX,
+) -> bool:
+    """Fix glibc's allocator thresholds; False (nothing changed) where the C library is not glibc.
+
+    The server's defaults make glibc return freed request buffers to the OS instead of keeping them
+    in the heap. By default glibc raises its mmap threshold after a large buffer is freed, so later
+    2 MB request buffers come from the heap, and a burst of them leaves hundreds of MB resident
+    afterwards. Fixed thresholds (and two arenas: our threads only write to disk) keep RSS near the
+    live data. The delivery child passes its own (``delivery.CHILD_MMAP_THRESHOLD``).
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -147,9 +160,9 @@ def tune_allocator() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     return bool(
-        mallopt(m_mmap_threshold, 128 * 1024)
-        and mallopt(m_trim_threshold, 128 * 1024)
-        and mallopt(m_arena_max, 2)
+        mallopt(m_mmap_threshold, mmap_threshold)
+        and mallopt(m_trim_threshold, trim_threshold)
+        and mallopt(m_arena_max, arena_max)
     )
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fluentforward.errors import SpoolError
+from fluentforward.protocol._events import Signal
 from fluentforward.spool import (
     FrameHeader,
     Position,
@@ -19,6 +25,7 @@ from fluentforward.spool import (
     read_frames,
     segment_path,
 )
+from fluentforward.spool._format import SEGMENT_MAGIC, encode_frame, scan_segment
 from tests.helpers import fill_spool, stored_header
 
 
@@ -250,3 +257,78 @@ async def test_dedup_rebuild_reads_only_the_newest_segments(tmp_path, monkeypatc
         assert list(s2._seen) == [("t", "c9"), ("t", "c10"), ("t", "c11")]
     finally:
         s2.close()
+
+
+# -- the segment format, read back ---------------------------------------------------------------------
+
+_SCAN_MODES = [(True, True), (False, True), (True, False), (False, False)]  # (verify, want_raw)
+_texts = st.text(st.characters(codec="utf-8"), max_size=12)
+_frames = st.lists(
+    st.tuples(
+        st.builds(
+            FrameHeader,
+            recv_time_ns=st.integers(0, 2**64 - 1),
+            signal=st.sampled_from(list(Signal)),
+            mode=st.sampled_from(["message", "forward", "packed", "compressed"]),
+            peer=_texts,
+            chunk=st.none() | _texts.filter(bool),
+            tag=_texts,
+            source_key=_texts,
+            record_count=st.integers(0, 2**32 - 1),
+        ),
+        st.binary(max_size=300),
+    ),
+    max_size=4,
+)
+
+
+def _segment(frames: list[tuple[FrameHeader, bytes]]) -> tuple[bytes, list[int]]:
+    """A segment's bytes and where each frame ends."""
+    data = bytearray(SEGMENT_MAGIC)
+    ends = []
+    for frame_header, raw in frames:
+        head, body = encode_frame(frame_header, raw)
+        data += head + body
+        ends.append(len(data))
+    return bytes(data), ends
+
+
+def _scan(data: bytes, verify: bool, want_raw: bool) -> tuple[list[tuple[FrameHeader, bytes]], ScanEnd]:
+    end = ScanEnd()
+    frames = scan_segment(io.BytesIO(data), 1, verify=verify, want_raw=want_raw, result=end)
+    return [(frame.header, frame.raw) for frame in frames], end
+
+
+@given(frames=_frames, cut=st.floats(0, 1))
+def test_every_scan_mode_reads_back_each_whole_frame(frames, cut):
+    """Headers and Forward bytes come back as written; a segment cut short loses only the cut frame."""
+    data, ends = _segment(frames)
+    size = len(SEGMENT_MAGIC) + round(cut * (len(data) - len(SEGMENT_MAGIC)))
+    whole = [frame for frame, end in zip(frames, ends, strict=True) if end <= size]
+    for verify, want_raw in _SCAN_MODES:
+        got, end = _scan(data, verify, want_raw)
+        assert got == [(h, raw if want_raw else b"") for h, raw in frames]
+        assert (end.reason, end.offset) == (None, len(data))
+        if not (verify or want_raw):
+            continue  # headers only, seeking over the rest: a cut is not looked for
+        got, end = _scan(data[:size], verify, want_raw)
+        assert got == [(h, raw if want_raw else b"") for h, raw in whole]
+        assert end.offset == ([len(SEGMENT_MAGIC), *ends][len(whole)])
+        if size in (len(SEGMENT_MAGIC), *ends):
+            assert end.reason is None
+        else:
+            assert end.reason is not None
+            assert end.reason.startswith("torn")
+            assert end.truncated
+
+
+def test_header_lengths_past_the_body_are_an_unreadable_header():
+    """A frame whose checksum holds but whose string lengths overrun its body is refused in every mode."""
+    head, raw = encode_frame(header(tag="tag"), b"forward-bytes")
+    body = bytearray(head[8:] + raw)
+    struct.pack_into(">H", body, 14, len(body))  # tag_len: past the end of the body
+    frame = struct.pack(">II", len(body), zlib.crc32(body)) + body
+    for verify, want_raw in _SCAN_MODES:
+        got, end = _scan(SEGMENT_MAGIC + frame + frame, verify, want_raw)
+        assert got == []
+        assert (end.reason, end.offset, end.truncated) == ("unreadable frame header", 8, False)

@@ -123,21 +123,28 @@ def encode_frame(header: FrameHeader, raw: bytes) -> tuple[bytes, bytes]:
     return FRAME_PREFIX.pack(len(head) + len(raw), crc) + head, raw
 
 
-def _parse_body(body: bytes) -> tuple[FrameHeader, bytes]:
-    recv, signal, mode, n_peer, n_chunk, n_tag, n_key, count = _BODY_HEAD.unpack_from(body)
-    pos = _BODY_HEAD.size
-    peer = body[pos : pos + n_peer]
+def _parse_body(body: bytes) -> FrameHeader:
+    """The header of a body read whole (or its head: the fixed part and the strings)."""
+    fields = _BODY_HEAD.unpack_from(body)
+    return _parse_header(fields, body[_BODY_HEAD.size :])
+
+
+def _parse_header(fields: tuple[int, ...], texts: bytes) -> FrameHeader:
+    """A header from the unpacked fixed part and the bytes that follow it (the strings first)."""
+    recv, signal, mode, n_peer, n_chunk, n_tag, n_key, count = fields
+    pos = 0
+    peer = texts[pos : pos + n_peer]
     pos += n_peer
-    chunk = body[pos : pos + n_chunk]
+    chunk = texts[pos : pos + n_chunk]
     pos += n_chunk
-    tag = body[pos : pos + n_tag]
+    tag = texts[pos : pos + n_tag]
     pos += n_tag
-    key = body[pos : pos + n_key]
+    key = texts[pos : pos + n_key]
     pos += n_key
-    if pos > len(body) or mode >= len(_MODES) or signal > 2:
+    if pos > len(texts) or mode >= len(_MODES) or signal > 2:
         msg = "frame header fields are inconsistent"
         raise ValueError(msg)
-    header = FrameHeader(
+    return FrameHeader(
         recv_time_ns=recv,
         signal=Signal(signal),
         mode=_MODES[mode],
@@ -147,7 +154,6 @@ def _parse_body(body: bytes) -> tuple[FrameHeader, bytes]:
         source_key=_text(key),
         record_count=count,
     )
-    return header, body[pos:]
 
 
 @attrs.define
@@ -216,22 +222,40 @@ def scan_segment(
                 state.reason, state.truncated = "torn frame body", True
                 return
             stream.seek(offset + FRAME_PREFIX.size + body_len)
-            body = head
+            try:
+                header = _parse_body(head)
+            except (ValueError, struct.error):
+                state.reason = "unreadable frame header"
+                state.truncated = _at_eof(stream)
+                return
+            raw = b""
         else:
-            body = stream.read(body_len)
-            if len(body) < body_len:
+            # The body in three reads (fixed head, strings, Forward bytes) rather than one: the Forward
+            # bytes are then read into their own object, not copied out of the body (a frame is up
+            # to MBs, and a copy is as many fresh pages). Lengths that overrun the body leave the raw
+            # part empty; the checksum or the header check then fails as it would on the whole body.
+            fixed = stream.read(_BODY_HEAD.size)
+            if len(fixed) < _BODY_HEAD.size:
                 state.reason, state.truncated = "torn frame body", True
                 return
-            if verify and zlib.crc32(body) != crc:
+            fields = _BODY_HEAD.unpack(fixed)
+            rest = body_len - _BODY_HEAD.size
+            texts_len = min(sum(fields[3:7]), rest)
+            texts = stream.read(texts_len)
+            raw = stream.read(rest - texts_len)
+            if len(texts) < texts_len or len(raw) < rest - texts_len:
+                state.reason, state.truncated = "torn frame body", True
+                return
+            if verify and zlib.crc32(raw, zlib.crc32(texts, zlib.crc32(fixed))) != crc:
                 state.reason = "checksum mismatch"
                 state.truncated = _at_eof(stream)
                 return
-        try:
-            header, raw = _parse_body(body)
-        except (ValueError, struct.error):
-            state.reason = "unreadable frame header"
-            state.truncated = _at_eof(stream)
-            return
+            try:
+                header = _parse_header(fields, texts)
+            except ValueError:
+                state.reason = "unreadable frame header"
+                state.truncated = _at_eof(stream)
+                return
         size = FRAME_PREFIX.size + body_len
         yield StoredFrame(
             segment=segment,
