@@ -886,7 +886,10 @@ def _events_streamed(
     starts = data.startswith
     is_map = _MAP_START
     options = {**_UNPACK_TEXT, **_bounded(limits, len(data))}
-    reader = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **options)  # for records without tail
+    # Records less their tail go through this one; its buffer starts small (msgpack would allocate
+    # its whole max_buffer_size, up to a MiB) and grows if a record needs more.
+    reader_size = {"max_buffer_size": max(len(data), 1), "read_size": min(max(len(data), 1), 4096)}
+    reader = msgpack.Unpacker(**reader_size, **options)
     read = reader.unpack
     fed = 0
     end = len(data)
@@ -935,7 +938,7 @@ def _events_streamed(
                     less[tail_key] = tail_value
                     append((seconds * _NS + nanos, less, {}, group))
                     continue
-                reader = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **options)  # drop the rest
+                reader = msgpack.Unpacker(**reader_size, **options)  # drops the bytes left
                 read = reader.unpack
                 fed = 0
             part = data[start:stop]
