@@ -1,8 +1,8 @@
 """Micro-benchmark of ``fluentforward.ids.extract_trace_context`` (us per record).
 
-Run: ``.venv/bin/python -m bench.micro_ids [iterations]``. Four typical records: a Kubernetes
+Run: ``.venv/bin/python -m bench.micro_ids [iterations]``. Five typical records: a Kubernetes
 record with ``trace_id``/``span_id`` fields, the same without any id, a JSON log line (Fluent
-Bit ``Merge_Log`` off) and a logfmt text line; then the benchmark's record mix
+Bit ``Merge_Log`` off) with ids and one without, and a logfmt text line; then the benchmark's mix
 (``bench.records``: seven logging styles, about 30 % of records without an id).
 
 Timings use ``time.perf_counter`` over a loop of calls, in chunks (see CHUNKS). The rows take
@@ -70,6 +70,12 @@ RECORDS: dict[str, dict[str, Any]] = {
     "JSON in log": {
         "log": '{"level": "info", "msg": "processing order", "trace_id": '
         '"4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7"}\n',
+        "stream": "stdout",
+        "time": "2026-11-26T10:00:00.123456789Z",
+        "kubernetes": _KUBERNETES,
+    },
+    "JSON in log without ids": {
+        "log": '{"level": "info", "msg": "GET /healthz 200", "duration_ms": 0.4}\n',
         "stream": "stdout",
         "time": "2026-11-26T10:00:00.123456789Z",
         "kubernetes": _KUBERNETES,
