@@ -84,9 +84,8 @@ class AutoDeliveryProcesses:
 
     def describe(self) -> str:
         """One phrase: ``auto: 1.5 CPUs usable (affinity 4, cgroup-v2 quota 1.5)``."""
-        quota = "no cgroup quota" if self.budget.quota is None else f"{self.budget.quota_source} quota "
-        if self.budget.quota is not None:
-            quota += f"{self.budget.quota:g}"
+        budget = self.budget
+        quota = "no cgroup quota" if budget.quota is None else f"{budget.quota_source} quota {budget.quota:g}"
         text = f"auto: {self.budget.cpus:g} CPUs usable (affinity {self.budget.affinity}, {quota})"
         if self.workers > 1:
             text += f", shared by {self.workers} workers"
