@@ -12,6 +12,9 @@
 * delivery path: decode + extract + shape + encode per record, i.e. the shipper's CPU before HTTP
   (``<mode>``: through ``Entry`` and ``LokiEntry`` values as before; ``<mode>_shipper``: what
   ``pipeline.Shipper`` runs, ``Transformer.encode`` into a ``PushBuffer`` then the batches' bodies);
+* delivery stages on the throughput scenario's own frames (its eight pods and three modes, not one
+  pod): ``decode_frame``, then ``extract_trace_context`` on top, then the whole shipper's encoding
+  (``stages``); what each stage adds is what ``bench.run`` sets against the CPU target's budget;
 * spool: ``Spool.append`` of 1 MB frames with an fsync per batch, 1 to 32 concurrent appenders.
 
 CPU-bound figures use ``time.process_time`` and keep the best of several repeats: on a shared machine
@@ -36,7 +39,7 @@ import msgpack
 import trio
 
 from bench.floor import decode_request
-from bench.loadgen import MODES, build_frames
+from bench.loadgen import MODES, LoadSpec, build_frames, frames_for
 from bench.records import make_pods, make_records
 from fluentforward.app import tune_gc
 from fluentforward.ids import extract_trace_context
@@ -45,7 +48,15 @@ from fluentforward.records import Shaper, build_rules
 from fluentforward.server import RECEIVE_BYTES
 from fluentforward.spool import FrameHeader, Spool, SpoolSettings
 
-__all__ = ["bench_decoder", "bench_delivery", "bench_ids", "bench_loki", "bench_spool", "run_micro"]
+__all__ = [
+    "bench_decoder",
+    "bench_delivery",
+    "bench_delivery_stages",
+    "bench_ids",
+    "bench_loki",
+    "bench_spool",
+    "run_micro",
+]
 
 try:  # another engineer's module; optional so this file never breaks on its absence
     from fluentforward.pipeline import batches_by_tenant
@@ -257,6 +268,51 @@ def bench_delivery(repeat: int) -> dict[str, Any]:
     return out
 
 
+def _load_frames() -> list[bytes]:
+    """Every distinct frame the throughput scenario's load generator sends (8 connections, mixed)."""
+    marker = b"4OHi4+Tl5ufo6err7O3u7w=="
+    spec = LoadSpec(port=0, connections=8, mode="mixed", chunk_records=CHUNK_RECORDS)
+    return [f.head + marker + f.tail for frames in frames_for(spec).values() for f in frames]
+
+
+def bench_delivery_stages(repeat: int) -> dict[str, float]:
+    """Microseconds per record of the delivery path in cumulative stages, on the throughput load's frames.
+
+    ``decode_us``: ``decode_frame``; ``ids_us``: plus ``extract_trace_context`` per event;
+    ``shipper_us``: what ``pipeline.Shipper`` runs before HTTP (``Transformer.encode`` into a
+    ``PushBuffer``, then every batch's protobuf body, snappy included).
+    """
+    frames = _load_frames()
+    records = sum(len(decode_frame(data).events) for data in frames)
+
+    def decode() -> None:
+        for data in frames:
+            decode_frame(data)
+
+    def ids() -> None:
+        for data in frames:
+            for _time_ns, record, metadata, _group in decode_frame(data).events:
+                extract_trace_context(record, metadata)
+
+    def shipper() -> None:
+        shaper = Shaper(rules=build_rules())
+        sources: collections.Counter[str] = collections.Counter()
+        buffer = PushBuffer()
+        for data in frames:
+            frame = decode_frame(data)
+            shaper.encode_events(frame.tag, frame.events, extract_trace_context, buffer, sources)
+        for batch in buffer.batches(1 << 20):
+            batch.encode_protobuf()
+
+    return {
+        "frames": len(frames),
+        "records": records,
+        "decode_us": _best_cpu(decode, repeat) / records * 1e6,
+        "ids_us": _best_cpu(ids, repeat) / records * 1e6,
+        "shipper_us": _best_cpu(shipper, repeat) / records * 1e6,
+    }
+
+
 async def _spool_round(directory: Path, appenders: int, appends_each: int) -> dict[str, Any]:
     spool = Spool.open(SpoolSettings(directory=directory, max_bytes=1 << 40))
     frame = b"\x00" * SPOOL_FRAME_BYTES
@@ -343,6 +399,12 @@ def run_micro(
     log("micro: delivery path = decode_frame + ids + shape + protobuf (us/record; _shipper: fused path)")
     out["delivery"] = bench_delivery(repeat)
     log("  " + "  ".join(f"{k} {v:.2f}" for k, v in out["delivery"].items()))
+    log("micro: delivery stages on the throughput load's frames (us/record, cumulative)")
+    stages = out["delivery_stages"] = bench_delivery_stages(repeat)
+    log(
+        f"  decode_frame {stages['decode_us']:.2f}  + ids {stages['ids_us']:.2f}"
+        f"  whole shipper {stages['shipper_us']:.2f}  ({stages['records']} records)"
+    )
     log("micro: spool append, 1 MB frames, fsync per batch")
     out["spool"] = bench_spool(32 if quick else 128, spool_parent)
     for row in out["spool"]:

@@ -626,6 +626,32 @@ def micro_lines(micro: dict[str, Any]) -> list[str]:
     return lines
 
 
+def budget_lines(report: dict[str, Any]) -> list[str]:
+    """Where the CPU target's budget goes: what delivery may cost per record for the ratio target, what
+    it costs in the throughput scenario, and its stages measured in-process on the same load's frames
+    (``bench.micro.bench_delivery_stages``). Empty when the run lacks any of them."""
+    results = report["scenarios"]
+    server = _find(results, "throughput")
+    floor = _find(results, "throughput", "floor")
+    stages = (report.get("micro") or {}).get("delivery_stages")
+    split = server.get("cpu_us_split") if server is not None else None
+    if floor is None or not split or not stages:
+        return []
+    budget = TARGET_CPU_RATIO * floor["cpu_us_per_record"] - split["receive"]
+    decode, ids, shipper = stages["decode_us"], stages["ids_us"], stages["shipper_us"]
+    return [
+        (
+            f"CPU budget of the {TARGET_CPU_RATIO}x target in this run: {TARGET_CPU_RATIO} x the floor's "
+            f"{floor['cpu_us_per_record']:.2f} us, less the server's receive side ({split['receive']:.2f} us), "
+            f"leaves **{budget:.2f} us** per record for delivery; it costs **{split['deliver']:.2f} us** in the "
+            f"throughput scenario. In-process on the same load's frames (best of several passes, so below "
+            f"the scenario's figure): `decode_frame` {decode:.2f}, trace ids {ids - decode:.2f}, shaping + "
+            f"protobuf + snappy {shipper - ids:.2f}, in all {shipper:.2f} us. Decoding and finding the ids "
+            f"alone take {ids:.2f} us."
+        ),
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The generated results section of docs/benchmarks.md."""
     m = report["machine"]
@@ -660,6 +686,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|",
         *(f"| {t} | {v} | {verdict} |" for t, v, verdict in targets(report)),
     ]
+    if budget := budget_lines(report):
+        lines += ["", *budget]
     if report["failures"]:
         lines += ["", "Scenarios that could not run:", ""]
         lines += [f"- {f['name']} ({f['receiver']}): `{f['error'][-200:]}`" for f in report["failures"]]
