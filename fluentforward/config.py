@@ -286,8 +286,11 @@ def parse_delivery_processes(
     return DeliveryProcessCount(processes=value)
 
 
-def _delivery_process_count(value: int | str) -> int:
-    return parse_delivery_processes(value).processes
+def _check_delivery_process_count(_instance: object, _attribute: object, value: int) -> None:
+    """A resolved lane count: an int from 1 to 16 (``auto`` is resolved before, by the CLI)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"--delivery-processes: expected a resolved number of lanes, got {value!r}")
+    parse_delivery_processes(value)  # the range check and its message
 
 
 @attrs.frozen(kw_only=True)
@@ -304,15 +307,15 @@ class DeliveryProcessSettings:
         log_json: ...in this format (None: JSON unless stderr is a terminal), like its parent.
         worker: the ``--workers`` index of the parent, bound to the child's log lines; None otherwise.
         processes: how many children share the spool's delivery, each a lane of its segments
-            (``--delivery-processes``; see ``fluentforward.delivery``). ``"auto"`` (or a number as
-            text) is resolved here, by ``parse_delivery_processes``, so the value is always an int.
+            (``--delivery-processes``; see ``fluentforward.delivery``), already resolved: ``auto``
+            depends on ``--workers``, so ``parse_delivery_processes`` resolves it where both are known.
     """
 
     options: Mapping[str, Any] = attrs.field(repr=False)
     log_level: str = "info"
     log_json: bool | None = None
     worker: int | None = None
-    processes: int = attrs.field(default=1, converter=_delivery_process_count)
+    processes: int = attrs.field(default=1, validator=_check_delivery_process_count)
 
 
 @attrs.frozen(kw_only=True)

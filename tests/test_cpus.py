@@ -287,11 +287,11 @@ def test_bad_values_are_config_errors(value, message):
     assert str(caught.value).endswith(message)
 
 
-def test_delivery_process_settings_resolve_auto():
-    """The settings value holds an int whatever it was built from (the lanes use range() on it)."""
-    settings = DeliveryProcessSettings(options={}, processes="auto")
-    assert settings.processes == auto_delivery_processes().processes
-    assert DeliveryProcessSettings(options={}, processes="2").processes == 2
+@pytest.mark.parametrize("value", ["auto", "2", 2.0, True, None])
+def test_delivery_process_settings_hold_a_resolved_count(value):
+    """``auto`` depends on ``--workers``: it is resolved once, by ``parse_delivery_processes`` where the
+    CLI knows both, so the settings take only the resulting int (the lanes use range() on it)."""
+    with pytest.raises(ConfigError, match="^--delivery-processes: expected a resolved number of lanes"):
+        DeliveryProcessSettings(options={}, processes=value)
+    assert DeliveryProcessSettings(options={}, processes=2).processes == 2
     assert DeliveryProcessSettings(options={}).processes == 1
-    with pytest.raises(ConfigError, match="--delivery-processes"):
-        DeliveryProcessSettings(options={}, processes="lots")
