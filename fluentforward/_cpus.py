@@ -86,7 +86,7 @@ class AutoDeliveryProcesses:
         """One phrase: ``auto: 1.5 CPUs usable (affinity 4, cgroup-v2 quota 1.5)``."""
         budget = self.budget
         quota = "no cgroup quota" if budget.quota is None else f"{budget.quota_source} quota {budget.quota:g}"
-        text = f"auto: {self.budget.cpus:g} CPUs usable (affinity {self.budget.affinity}, {quota})"
+        text = f"auto: {budget.cpus:g} CPUs usable (affinity {budget.affinity}, {quota})"
         if self.workers > 1:
             text += f", shared by {self.workers} workers"
         if self.capped:

@@ -265,25 +265,21 @@ def parse_delivery_processes(
     Raises:
         ConfigError: neither ``auto`` nor a whole number, or a number out of range.
     """
+    number: object = value
     if isinstance(value, str):
         text = value.strip()
         if text.lower() == "auto":
             resolved = (auto or auto_delivery_processes)(workers=workers)
             return DeliveryProcessCount(processes=resolved.processes, auto=resolved)
-        if _NUMBER.fullmatch(text) is None:
-            raise ConfigError(
-                f"--delivery-processes: expected auto or a number from 1 to {MAX_DELIVERY_PROCESSES}, "
-                f"got {value!r}"
-            )
-        value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int):
+        number = int(text) if _NUMBER.fullmatch(text) is not None else None
+    if isinstance(number, bool) or not isinstance(number, int):
         raise ConfigError(
             f"--delivery-processes: expected auto or a number from 1 to {MAX_DELIVERY_PROCESSES}, "
             f"got {value!r}"
         )
-    if not 1 <= value <= MAX_DELIVERY_PROCESSES:
-        raise ConfigError(f"--delivery-processes: must be 1 to {MAX_DELIVERY_PROCESSES}, got {value}")
-    return DeliveryProcessCount(processes=value)
+    if not 1 <= number <= MAX_DELIVERY_PROCESSES:
+        raise ConfigError(f"--delivery-processes: must be 1 to {MAX_DELIVERY_PROCESSES}, got {number}")
+    return DeliveryProcessCount(processes=number)
 
 
 def _check_delivery_process_count(_instance: object, _attribute: object, value: int) -> None:
