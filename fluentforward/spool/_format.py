@@ -123,12 +123,6 @@ def encode_frame(header: FrameHeader, raw: bytes) -> tuple[bytes, bytes]:
     return FRAME_PREFIX.pack(len(head) + len(raw), crc) + head, raw
 
 
-def _parse_body(body: bytes) -> FrameHeader:
-    """The header of a body read whole (or its head: the fixed part and the strings)."""
-    fields = _BODY_HEAD.unpack_from(body)
-    return _parse_header(fields, body[_BODY_HEAD.size :])
-
-
 def _parse_header(fields: tuple[int, ...], texts: bytes) -> FrameHeader:
     """A header from the unpacked fixed part and the bytes that follow it (the strings first)."""
     recv, signal, mode, n_peer, n_chunk, n_tag, n_key, count = fields
@@ -222,12 +216,8 @@ def scan_segment(
                 state.reason, state.truncated = "torn frame body", True
                 return
             stream.seek(offset + FRAME_PREFIX.size + body_len)
-            try:
-                header = _parse_body(head)
-            except (ValueError, struct.error):
-                state.reason = "unreadable frame header"
-                state.truncated = _at_eof(stream)
-                return
+            fields = _BODY_HEAD.unpack_from(head)
+            texts = head[_BODY_HEAD.size :]
             raw = b""
         else:
             # The body in three reads (fixed head, strings, Forward bytes) rather than one: the Forward
@@ -250,12 +240,12 @@ def scan_segment(
                 state.reason = "checksum mismatch"
                 state.truncated = _at_eof(stream)
                 return
-            try:
-                header = _parse_header(fields, texts)
-            except ValueError:
-                state.reason = "unreadable frame header"
-                state.truncated = _at_eof(stream)
-                return
+        try:
+            header = _parse_header(fields, texts)
+        except ValueError:
+            state.reason = "unreadable frame header"
+            state.truncated = _at_eof(stream)
+            return
         size = FRAME_PREFIX.size + body_len
         yield StoredFrame(
             segment=segment,
