@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ import msgpack
 import trio
 
 from bench.floor import decode_request
-from bench.loadgen import MODES, LoadSpec, build_frames, frames_for
+from bench.loadgen import MODES, LoadSpec, SplitFrame, build_frames, frames_for
 from bench.records import make_pods, make_records
 from fluentforward.app import tune_gc
 from fluentforward.ids import extract_trace_context
@@ -81,11 +80,27 @@ def _best_cpu(func: Callable[[], object], repeat: int) -> float:
     return best
 
 
+def _whole(frame: SplitFrame) -> bytes:
+    """The frame as sent, with a chunk id (any 24-character base64 id) in its place."""
+    return frame.head + b"4OHi4+Tl5ufo6err7O3u7w==" + frame.tail
+
+
 def _frame_bytes(mode: str) -> tuple[bytes, int]:
     pod = make_pods()[0]
     frame = build_frames(pod, mode, CHUNK_RECORDS, 1, seed=1)[0]
-    marker = b"4OHi4+Tl5ufo6err7O3u7w=="  # any 24-character base64 id
-    return frame.head + marker + frame.tail, frame.records
+    return _whole(frame), frame.records
+
+
+def _ship_encoded(shaper: Shaper, frames: Iterable[bytes], sources: collections.Counter[str]) -> None:
+    """What ``pipeline.Shipper`` runs before HTTP: ``decode_frame``, ``Shaper.encode_events`` into a
+    ``PushBuffer`` (with ``extract_trace_context``, bare, as ``pipeline.Transformer`` passes it), then
+    every batch's protobuf body."""
+    buffer = PushBuffer()
+    for data in frames:
+        frame = decode_frame(data)
+        shaper.encode_events(frame.tag, frame.events, extract_trace_context, buffer, sources)
+    for batch in buffer.batches(1 << 20):
+        batch.encode_protobuf()
 
 
 def bench_decoder(repeat: int) -> list[dict[str, Any]]:
@@ -241,7 +256,6 @@ def bench_delivery(repeat: int) -> dict[str, Any]:
     """
     shaper = Shaper(rules=build_rules(cluster="bench"))
     fused = Shaper(rules=build_rules(cluster="bench"))
-    find_trace = functools.partial(extract_trace_context)  # as pipeline.Transformer passes it
     sources: collections.Counter[str] = collections.Counter()
     out = {}
     for mode in MODES:
@@ -256,11 +270,7 @@ def bench_delivery(repeat: int) -> dict[str, Any]:
                 encode_push_protobuf(entries)
 
         def shipper(data: bytes = data) -> None:
-            frame = decode_frame(data)
-            buffer = PushBuffer()
-            fused.encode_events(frame.tag, frame.events, find_trace, buffer, sources)
-            for batch in buffer.batches(1 << 20):
-                batch.encode_protobuf()
+            _ship_encoded(fused, (data,), sources)
 
         out[mode] = _best_cpu(ship, repeat) / records * 1e6
         if encode_push_protobuf is not None:
@@ -270,9 +280,8 @@ def bench_delivery(repeat: int) -> dict[str, Any]:
 
 def _load_frames() -> list[bytes]:
     """Every distinct frame the throughput scenario's load generator sends (8 connections, mixed)."""
-    marker = b"4OHi4+Tl5ufo6err7O3u7w=="
     spec = LoadSpec(port=0, connections=8, mode="mixed", chunk_records=CHUNK_RECORDS)
-    return [f.head + marker + f.tail for frames in frames_for(spec).values() for f in frames]
+    return [_whole(frame) for frames in frames_for(spec).values() for frame in frames]
 
 
 def bench_delivery_stages(repeat: int) -> dict[str, float]:
@@ -295,14 +304,7 @@ def bench_delivery_stages(repeat: int) -> dict[str, float]:
                 extract_trace_context(record, metadata)
 
     def shipper() -> None:
-        shaper = Shaper(rules=build_rules())
-        sources: collections.Counter[str] = collections.Counter()
-        buffer = PushBuffer()
-        for data in frames:
-            frame = decode_frame(data)
-            shaper.encode_events(frame.tag, frame.events, extract_trace_context, buffer, sources)
-        for batch in buffer.batches(1 << 20):
-            batch.encode_protobuf()
+        _ship_encoded(Shaper(rules=build_rules()), frames, collections.Counter())
 
     return {
         "frames": len(frames),
