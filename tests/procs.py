@@ -11,20 +11,19 @@ from pathlib import Path
 from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
-# One delivery lane unless a test asks for more (`--delivery-processes` defaults to `auto`).
-PINNED_ENV = {"FLUENTFORWARD_DELIVERY_PROCESSES": "1"}
 
 
 class ServerProcess:
     """``fluentforward serve`` on 127.0.0.1 port 0; the bound port is read from its JSON log.
 
-    One delivery lane (``FLUENTFORWARD_DELIVERY_PROCESSES=1``) unless ``env`` or ``args`` say otherwise.
+    One delivery lane (``tests/conftest.py`` pins ``FLUENTFORWARD_DELIVERY_PROCESSES=1`` in the
+    environment) unless ``env`` or ``args`` say otherwise.
     """
 
     def __init__(self, spool_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.spool_dir = spool_dir
         self.args = args
-        self.env = {**os.environ, **PINNED_ENV, **(env or {})}
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.http_port: int | None = None
@@ -124,9 +123,10 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m fluentforward ARGS`` and capture its output.
 
-    ``env`` adds to the pinned environment (one delivery lane); a None value removes a variable.
+    ``env`` adds to the environment (where ``tests/conftest.py`` pins one delivery lane); a None value
+    removes a variable.
     """
-    merged = {**os.environ, **PINNED_ENV, **(env or {})}
+    merged = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "fluentforward", *args],
         capture_output=True,
